@@ -1,0 +1,166 @@
+"""The typed recipe schema. Every key a recipe may use is declared here; anything else is an error.
+
+Relative paths in a recipe are resolved against the current working directory (where you launch),
+like every other path you type on a command line.
+"""
+
+from __future__ import annotations
+
+from typing import Literal
+
+from pydantic import BaseModel, ConfigDict, Field, model_validator
+
+FamilyName = Literal["qwen2_vl", "qwen2_5_vl", "qwen3_vl"]
+
+
+class Strict(BaseModel):
+    # extra="forbid" is what turns a misspelled key into an error instead of a silently ignored one.
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+
+class ModelConfig(Strict):
+    family: FamilyName
+    source: str = Field("tiny", description='"tiny" (random weights, offline) | hub id | local directory')
+    attn_implementation: Literal["sdpa", "eager", "flash_attention_2", "flex_attention"] = "sdpa"
+    trust_remote_code: bool = False
+    vision_backend: Literal["auto", "ours", "stock"] = Field(
+        "auto", description="ours = torchvision-free preprocessing; stock = transformers' (needs torchvision)"
+    )
+    gradient_checkpointing: bool = False
+
+
+class DataSource(Strict):
+    path: str
+    format: Literal["auto", "surgsigma", "llava", "openai"] = "auto"
+    media_root: str | None = Field(None, description="root that media paths are relative to (default: the file's folder, or its raw_data/ if present)")
+    max_samples: int | None = Field(None, ge=1, description="keep the first N samples (debugging)")
+
+
+# Task ids as they appear in the data -> registry names. The released numbering is not confirmed
+# (see docs/surgsigma-db.md), so this is a default a recipe can replace.
+DEFAULT_TASK_IDS: dict[int, str] = {
+    1: "instrument_localization",
+    2: "instrument_recognition",
+    3: "tissue_recognition",
+    4: "tissue_localization",
+    5: "phase_recognition",
+    6: "step_recognition",
+    7: "desmoking",
+    8: "action_recognition",
+    9: "triplet_recognition",
+    10: "depth_estimation",
+    11: "safety_assessment",
+    12: "image_captioning",
+    13: "video_captioning",
+    14: "action_remaining_time",
+    15: "next_action_planning",
+    16: "instrument_segmentation",
+    17: "next_frame_prediction",
+    18: "conditional_video_generation",
+}
+
+
+class DataConfig(Strict):
+    train: list[DataSource] = Field(min_length=1)
+    eval: list[DataSource] = []
+    task_ids: dict[int, str] = Field(default_factory=lambda: dict(DEFAULT_TASK_IDS))
+    reasoning: Literal["plain", "reasoning", "mix"] = Field(
+        "plain", description="targets: plain answers, <think>..</think><answer>..</answer>, or a mix"
+    )
+    reasoning_ratio: float = Field(0.5, ge=0.0, le=1.0, description="share of reasoning targets when reasoning=mix")
+    reasoning_loss: bool = Field(True, description="whether tokens inside <think>..</think> carry loss")
+    system_prompt: str | None = None
+    max_seq_len: int = Field(4096, ge=16, description="longer samples are dropped with a reason, never truncated")
+    num_workers: int = Field(0, ge=0)
+
+
+class VideoConfig(Strict):
+    backend: Literal["auto", "decord", "pyav"] = "auto"
+    num_frames: int = Field(8, ge=1, description="frames sampled uniformly from each clip")
+    image_min_pixels: int = 56 * 56
+    image_max_pixels: int = 28 * 28 * 1280
+    video_min_pixels: int = 56 * 56
+    video_max_pixels: int = 28 * 28 * 256
+
+
+class LoraConfig(Strict):
+    enabled: bool = False
+    rank: int = Field(16, ge=1)
+    alpha: float = 32.0
+    dropout: float = Field(0.0, ge=0.0, lt=1.0)
+    dora: bool = False
+    target_modules: list[str] | None = Field(
+        None, description="module names inside the language model (default: the family's attention+MLP linears)"
+    )
+
+
+class TrainConfig(Strict):
+    seed: int = 0
+    max_steps: int = Field(100, ge=1, description="optimizer steps")
+    micro_batch_size: int = Field(1, ge=1)
+    grad_accum_steps: int = Field(1, ge=1)
+    lr: float = Field(1e-5, gt=0, description="learning rate of the language model")
+    vision_lr: float | None = Field(None, gt=0, description="default: lr")
+    projector_lr: float | None = Field(None, gt=0, description="default: lr")
+    weight_decay: float = Field(0.0, ge=0.0)
+    adam_betas: tuple[float, float] = (0.9, 0.999)
+    adam_eps: float = 1e-8
+    lr_schedule: Literal["cosine", "linear", "constant"] = "cosine"
+    warmup_steps: int = Field(0, ge=0)
+    min_lr_ratio: float = Field(0.0, ge=0.0, le=1.0)
+    max_grad_norm: float | None = Field(1.0, gt=0, description="null disables clipping")
+    mixed_precision: Literal["auto", "bf16", "no"] = Field(
+        "auto", description="auto = bf16 autocast on GPUs that support it, fp32 on CPU"
+    )
+    freeze_vision: bool | None = Field(None, description="default: false for full fine-tuning, true with LoRA")
+    freeze_projector: bool | None = Field(None, description="default: false for full fine-tuning, true with LoRA")
+    freeze_language: bool = Field(False, description="with LoRA the base language model is always frozen")
+    log_every: int = Field(1, ge=1)
+    save_every: int = Field(0, ge=0, description="0 = only at the end")
+    keep_last: int = Field(2, ge=1)
+    resume: str = Field("auto", description='"auto" (latest committed checkpoint), "never", or a checkpoint path')
+    progress_bar: bool = True
+    max_consecutive_nonfinite: int = Field(5, ge=1, description="abort after this many skipped steps in a row")
+
+
+class DistributedConfig(Strict):
+    backend: Literal["none"] = Field("none", description="single process; multi-GPU backends arrive with their issue")
+
+
+class EvalConfig(Strict):
+    checkpoint: str | None = Field(None, description="checkpoint folder to evaluate (default: the latest)")
+    max_new_tokens: int = Field(64, ge=1)
+    batch_size: int = Field(8, ge=1)
+    max_samples_per_task: int | None = Field(None, ge=1)
+    after_training: bool = Field(False, description="run evaluation at the end of `train`")
+
+
+class OutputConfig(Strict):
+    dir: str = Field(description="the run folder; every file a run writes lives under it")
+    tensorboard: bool = True
+
+
+class RecipeConfig(Strict):
+    model: ModelConfig
+    data: DataConfig
+    video: VideoConfig = VideoConfig()
+    train: TrainConfig = TrainConfig()
+    lora: LoraConfig = LoraConfig()
+    distributed: DistributedConfig = DistributedConfig()
+    eval: EvalConfig = EvalConfig()
+    output: OutputConfig
+
+    @model_validator(mode="after")
+    def _check_consistency(self) -> "RecipeConfig":
+        t = self.train
+        lora = self.lora.enabled
+        # Resolve mode-dependent defaults once, so the saved config says what really happened.
+        if t.freeze_vision is None:
+            t.freeze_vision = lora
+        if t.freeze_projector is None:
+            t.freeze_projector = lora
+        if t.freeze_vision and t.freeze_projector and t.freeze_language and not lora:
+            raise ValueError("train: everything is frozen and LoRA is off; nothing would be trained")
+        if t.warmup_steps > t.max_steps:
+            raise ValueError(f"train.warmup_steps ({t.warmup_steps}) > train.max_steps ({t.max_steps})")
+        return self

@@ -1,0 +1,411 @@
+"""Readers: LLaVA/ShareGPT, OpenAI-style messages and SurgΣ-DB-style records -> `Sample`s.
+
+Every record either becomes a sample, is excluded for a stated and counted reason (e.g. generation
+tasks), or is reported as bad with its file, record and reason. Nothing is dropped silently.
+(The full SurgΣ-DB release loader with quirk repair is a later layer on top of this one.)
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from collections import Counter
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Iterator
+
+from surgsigma_train.config.schema import DataSource
+from surgsigma_train.data.sample import IMAGE_PLACEHOLDER, VIDEO_PLACEHOLDER, MediaRef, Message, Sample
+from surgsigma_train.data.tasks import get_task
+from surgsigma_train.errors import DataError
+
+
+@dataclass(frozen=True)
+class BadRecord:
+    file: str
+    record: str  # record id, or "#<index>" / "line <n>" when it has none
+    reason: str
+
+
+@dataclass
+class ReadReport:
+    file: str
+    format: str = "unknown"
+    records: int = 0
+    samples: int = 0
+    excluded: Counter = field(default_factory=Counter)  # reason -> count
+    bad: list[BadRecord] = field(default_factory=list)
+    unmapped_fields: Counter = field(default_factory=Counter)  # field name -> records carrying it
+
+    def summary(self) -> dict[str, Any]:
+        return {
+            "file": self.file, "format": self.format, "records": self.records, "samples": self.samples,
+            "excluded": dict(self.excluded), "bad": len(self.bad), "unmapped_fields": dict(self.unmapped_fields),
+        }
+
+
+class RecordError(ValueError):
+    """A record that cannot become a sample; the message is the reason reported for it."""
+
+
+_ROLE_ALIASES = {"human": "user", "user": "user", "gpt": "assistant", "assistant": "assistant",
+                 "model": "assistant", "system": "system"}
+_PLACEHOLDER_RE = re.compile(f"({re.escape(IMAGE_PLACEHOLDER)}|{re.escape(VIDEO_PLACEHOLDER)})")
+
+
+def _as_list(value: Any) -> list:
+    if value is None:
+        return []
+    return list(value) if isinstance(value, (list, tuple)) else [value]
+
+
+def _video_key(path: str) -> str:
+    """The patient/source video a media file belongs to, derived from its path.
+
+    `Cholec80/videos/vid92.mp4` and `CholecT50/videos/VID92/000509.png` name their video in a path
+    component (`vidNN`, zero-padding ignored); otherwise the file's folder (frames) or stem (videos).
+    """
+    parts = Path(path).parts
+    for i, part in enumerate(parts):
+        match = re.fullmatch(r"(?i)vid[_-]?(\d+)(\.\w+)?", part)
+        if match:
+            return f"{parts[0]}/VID{int(match.group(1)):02d}" if i > 0 else f"VID{int(match.group(1)):02d}"
+    p = Path(path)
+    return str(p.parent) if p.suffix.lower() in {".png", ".jpg", ".jpeg", ".bmp", ".webp"} else str(p.with_suffix(""))
+
+
+def _finish(sample_id: str, messages: list[Message], media: list[MediaRef], **kw: Any) -> Sample:
+    """Validate a conversation and its media, then build the sample."""
+    if not messages:
+        raise RecordError("empty conversation")
+    if not any(m.role == "assistant" for m in messages):
+        raise RecordError("no assistant turn")
+    if messages[-1].role != "assistant":
+        raise RecordError("conversation does not end with an assistant turn")
+    for m in messages:
+        if m.role == "assistant" and _PLACEHOLDER_RE.search(m.content):
+            raise RecordError("media placeholder in an assistant turn (media can only be inputs)")
+        if m.role == "assistant" and not m.content.strip():
+            raise RecordError("empty assistant turn")
+    kinds = [tok for m in messages for tok in _PLACEHOLDER_RE.findall(m.content)]
+    expected = [IMAGE_PLACEHOLDER if r.kind == "image" else VIDEO_PLACEHOLDER for r in media]
+    if kinds != expected:
+        raise RecordError(
+            f"placeholders {kinds.count(IMAGE_PLACEHOLDER)} <image> / {kinds.count(VIDEO_PLACEHOLDER)} <video> "
+            f"in the text do not match the media given ({expected.count(IMAGE_PLACEHOLDER)} images, "
+            f"{expected.count(VIDEO_PLACEHOLDER)} videos, in this order)"
+        )
+    if kw.get("source_video") is None and media:
+        kw["source_video"] = _video_key(media[0].path)
+    return Sample(id=sample_id, messages=tuple(messages), media=tuple(media), **kw)
+
+
+def _prepend_placeholders(messages: list[Message], media: list[MediaRef]) -> list[Message]:
+    """LLaVA convention: media given without placeholders go before the first user text."""
+    if not media or any(_PLACEHOLDER_RE.search(m.content) for m in messages):
+        return messages
+    marks = "".join(IMAGE_PLACEHOLDER if r.kind == "image" else VIDEO_PLACEHOLDER for r in media)
+    out = list(messages)
+    for i, m in enumerate(out):
+        if m.role == "user":
+            out[i] = Message("user", marks + "\n" + m.content)
+            break
+    return out
+
+
+def _media_from_fields(record: dict) -> list[MediaRef]:
+    """Top-level `image(s)` / `video(s)` fields, in placeholder order images-then-videos."""
+    refs = []
+    for key, kind in (("image", "image"), ("images", "image"), ("video", "video"), ("videos", "video")):
+        for item in _as_list(record.get(key)):
+            if isinstance(item, dict):
+                refs.append(MediaRef(kind, str(item.get("path", "")), item.get("start"), item.get("end")))
+            elif isinstance(item, str):
+                refs.append(MediaRef(kind, item))
+            else:
+                raise RecordError(f"{key!r} entries must be paths, got {type(item).__name__}")
+    return refs
+
+
+def _order_media_by_text(messages: list[Message], media: list[MediaRef]) -> list[MediaRef]:
+    """Assign images and videos to placeholders in the order they appear in the text."""
+    images = iter([r for r in media if r.kind == "image"])
+    videos = iter([r for r in media if r.kind == "video"])
+    ordered = []
+    for m in messages:
+        for tok in _PLACEHOLDER_RE.findall(m.content):
+            nxt = next(images if tok == IMAGE_PLACEHOLDER else videos, None)
+            if nxt is None:
+                return media  # count mismatch: _finish reports it
+            ordered.append(nxt)
+    return ordered if len(ordered) == len(media) else media
+
+
+def _common_fields(record: dict) -> dict[str, Any]:
+    return {
+        "task": str(record.get("task", "unknown")),
+        "specialty": record.get("specialty") or record.get("clinical specialty"),
+        "source": record.get("source") or record.get("source dataset"),
+        "source_video": record.get("source_video"),
+        "thinking": record.get("thinking"),
+    }
+
+
+# ---------------------------------------------------------------- LLaVA / ShareGPT
+def _read_llava(record: dict, sample_id: str, **_: Any) -> Sample:
+    conv = record.get("conversations")
+    if not isinstance(conv, list):
+        raise RecordError("'conversations' must be a list")
+    messages = []
+    for turn in conv:
+        if not isinstance(turn, dict) or not isinstance(turn.get("value"), str):
+            raise RecordError("each conversation turn needs a string 'value'")
+        role = _ROLE_ALIASES.get(str(turn.get("from", "")).lower())
+        if role is None:
+            raise RecordError(f"unknown speaker {turn.get('from')!r}")
+        messages.append(Message(role, turn["value"]))
+    media = _media_from_fields(record)
+    messages = _prepend_placeholders(messages, media)
+    return _finish(sample_id, messages, _order_media_by_text(messages, media), **_common_fields(record))
+
+
+# ---------------------------------------------------------------- OpenAI-style messages
+def _read_openai(record: dict, sample_id: str, **_: Any) -> Sample:
+    raw = record.get("messages")
+    if not isinstance(raw, list):
+        raise RecordError("'messages' must be a list")
+    messages, media = [], []
+    for turn in raw:
+        if not isinstance(turn, dict):
+            raise RecordError("each message must be an object")
+        role = _ROLE_ALIASES.get(str(turn.get("role", "")).lower())
+        if role is None:
+            raise RecordError(f"unknown role {turn.get('role')!r}")
+        content = turn.get("content")
+        if isinstance(content, str):
+            messages.append(Message(role, content))
+            continue
+        if not isinstance(content, list):
+            raise RecordError("message content must be a string or a list of parts")
+        text = []
+        for part in content:
+            kind = part.get("type") if isinstance(part, dict) else None
+            if kind == "text":
+                text.append(str(part.get("text", "")))
+            elif kind in ("image", "image_url"):
+                path = part.get("image") or part.get("path") or (part.get("image_url") or {}).get("url")
+                if not isinstance(path, str):
+                    raise RecordError("image part without a path")
+                media.append(MediaRef("image", path))
+                text.append(IMAGE_PLACEHOLDER)
+            elif kind in ("video", "video_url"):
+                path = part.get("video") or part.get("path") or (part.get("video_url") or {}).get("url")
+                if not isinstance(path, str):
+                    raise RecordError("video part without a path")
+                media.append(MediaRef("video", path, part.get("start"), part.get("end")))
+                text.append(VIDEO_PLACEHOLDER)
+            else:
+                raise RecordError(f"unknown content part type {kind!r}")
+        messages.append(Message(role, "".join(text)))
+    if not media:  # string contents with top-level images/videos (LLaMA-Factory "sharegpt" messages)
+        media = _media_from_fields(record)
+        messages = _prepend_placeholders(messages, media)
+        media = _order_media_by_text(messages, media)
+    return _finish(sample_id, messages, media, **_common_fields(record))
+
+
+# ---------------------------------------------------------------- SurgΣ-DB style
+QUESTION_KEYS = ("question", "query", "prompt", "instruction", "input")
+THINKING_KEYS = ("thinking", "reasoning", "think", "rationale")
+KNOWN_ANNO_KEYS = {"id", "images", "task type", "answer", *QUESTION_KEYS, *THINKING_KEYS}
+
+
+@dataclass
+class SurgSigmaTables:
+    videos: dict[str, dict]
+    images: dict[str, dict]
+    specialty_of_dataset: dict[str, str]
+
+
+def _surgsigma_tables(doc: dict, report: ReadReport) -> tuple[SurgSigmaTables, list[dict]]:
+    """Find the video, image and annotation tables by what their entries contain, not by key name."""
+    videos, images, annos = {}, {}, []
+    for key, value in doc.items():
+        entries = value if isinstance(value, list) else None
+        first = next((e for e in entries or [] if isinstance(e, dict)), None)
+        if first is None:
+            report.unmapped_fields[f"top-level {key!r}"] += 1
+        elif "task type" in first or "answer" in first:
+            annos.extend(entries)
+        elif "video path" in first:
+            videos.update({str(e["id"]): e for e in entries if isinstance(e, dict) and "id" in e})
+        elif "image path" in first:
+            images.update({str(e["id"]): e for e in entries if isinstance(e, dict) and "id" in e})
+        else:
+            report.unmapped_fields[f"top-level {key!r}"] += 1
+    by_dataset: dict[str, set[str]] = {}
+    for v in videos.values():
+        if v.get("source dataset") and v.get("clinical specialty"):
+            by_dataset.setdefault(str(v["source dataset"]), set()).add(str(v["clinical specialty"]))
+    unambiguous = {ds: next(iter(s)) for ds, s in by_dataset.items() if len(s) == 1}
+    return SurgSigmaTables(videos, images, unambiguous), annos
+
+
+def _read_surgsigma(record: dict, sample_id: str, *, tables: SurgSigmaTables, task_ids: dict[int, str],
+                    report: ReadReport) -> Sample | None:
+    for key in record:
+        if key not in KNOWN_ANNO_KEYS:
+            report.unmapped_fields[key] += 1
+    raw_task = _as_list(record.get("task type"))
+    if not raw_task:
+        raise RecordError("no 'task type'")
+    try:
+        task_id = int(raw_task[0])
+    except (TypeError, ValueError):
+        raise RecordError(f"task type {raw_task[0]!r} is not an integer") from None
+    task_name = task_ids.get(task_id)
+    if task_name is None:
+        raise RecordError(f"unknown task id {task_id} (known: {sorted(task_ids)}; set data.task_ids)")
+    task = get_task(task_name)
+    if task is not None and not task.trainable:
+        report.excluded[f"generation task {task_name} (needs an image/video generator, not a text VLM)"] += 1
+        return None
+    answer = record.get("answer")
+    if not isinstance(answer, str) or not answer.strip():
+        raise RecordError("missing or empty 'answer'")
+    question = next((record[k] for k in QUESTION_KEYS if isinstance(record.get(k), str)), None)
+    if question is None:
+        raise RecordError(f"no question field (looked for {', '.join(QUESTION_KEYS)})")
+    thinking = next((record[k] for k in THINKING_KEYS if isinstance(record.get(k), str)), None)
+
+    media, meta = [], {}
+    for media_id in _as_list(record.get("images")):
+        media_id = str(media_id)
+        if media_id in tables.images:
+            media.append(MediaRef("image", str(tables.images[media_id]["image path"])))
+        elif media_id in tables.videos:
+            entry = tables.videos[media_id]
+            media.append(MediaRef("video", str(entry["video path"]), entry.get("start"), entry.get("end")))
+            meta = meta or entry
+        else:
+            raise RecordError(f"references unknown media id {media_id!r}")
+    if not media:
+        raise RecordError("references no media")
+    source = meta.get("source dataset") or Path(media[0].path).parts[0]
+    messages = _prepend_placeholders([Message("user", question), Message("assistant", answer)], media)
+    return _finish(
+        sample_id, messages, media, task=task_name, source=str(source),
+        specialty=meta.get("clinical specialty") or tables.specialty_of_dataset.get(str(source)),
+        thinking=thinking,
+    )
+
+
+# ---------------------------------------------------------------- files and format detection
+def _iter_json_records(path: Path, report: ReadReport) -> Iterator[tuple[str, Any]]:
+    """(position label, record) pairs; a malformed JSONL line is reported and skipped, not fatal."""
+    if path.suffix == ".jsonl":
+        with path.open("r", encoding="utf-8", errors="strict") as fh:
+            for lineno, line in enumerate(fh, 1):
+                if not line.strip():
+                    continue
+                try:
+                    yield f"line {lineno}", json.loads(line)
+                except json.JSONDecodeError as exc:
+                    report.records += 1
+                    report.bad.append(BadRecord(str(path), f"line {lineno}", f"malformed JSON ({exc.msg})"))
+        return
+    doc = json.loads(path.read_text(encoding="utf-8"))
+    if isinstance(doc, list):
+        yield from ((f"#{i}", r) for i, r in enumerate(doc))
+    else:
+        yield "#document", doc
+
+
+def detect_format(first_record: Any) -> str:
+    if isinstance(first_record, dict):
+        if "conversations" in first_record:
+            return "llava"
+        if "messages" in first_record:
+            return "openai"
+        if "task type" in first_record or any(
+            isinstance(v, list) and v and isinstance(v[0], dict) and ("task type" in v[0] or "image path" in v[0])
+            for v in first_record.values()
+        ):
+            return "surgsigma"
+    return "unknown"
+
+
+def default_media_root(path: Path) -> Path:
+    folder = path if path.is_dir() else path.parent
+    return folder / "raw_data" if (folder / "raw_data").is_dir() else folder
+
+
+def read_file(path: Path, fmt: str, task_ids: dict[int, str], media_root: Path,
+              max_samples: int | None = None) -> tuple[list[Sample], ReadReport]:
+    report = ReadReport(str(path))
+    try:
+        records = list(_iter_json_records(path, report))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
+        report.bad.append(BadRecord(str(path), "#file", f"cannot read as JSON/JSONL ({exc})"))
+        return [], report
+    if fmt == "auto":
+        fmt = detect_format(records[0][1]) if records else "unknown"
+    report.format = fmt
+    if fmt == "unknown":
+        if records:
+            report.bad.append(BadRecord(str(path), "#file", "cannot tell the format (no 'conversations', "
+                                        "'messages' or SurgΣ-DB 'task type'/'image path' fields)"))
+        return [], report
+
+    context: dict[str, Any] = {}
+    if fmt == "surgsigma":
+        docs = [r for _, r in records if isinstance(r, dict)]
+        if len(docs) == 1 and "task type" not in docs[0]:  # one release document with tables
+            tables, annos = _surgsigma_tables(docs[0], report)
+            records = [(f"annos#{i}", a) for i, a in enumerate(annos)]
+        else:  # JSONL of annotation records with inline media tables absent
+            tables = SurgSigmaTables({}, {}, {})
+        context = {"tables": tables, "task_ids": task_ids, "report": report}
+    reader = {"llava": _read_llava, "openai": _read_openai, "surgsigma": _read_surgsigma}[fmt]
+
+    samples: list[Sample] = []
+    seen: set[str] = set()
+    for position, record in records:
+        report.records += 1
+        if not isinstance(record, dict):
+            report.bad.append(BadRecord(str(path), position, f"record is a {type(record).__name__}, not an object"))
+            continue
+        sample_id = str(record.get("id", f"{path.name}:{position}"))
+        if sample_id in seen:
+            report.bad.append(BadRecord(str(path), sample_id, "duplicate id"))
+            continue
+        seen.add(sample_id)
+        try:
+            sample = reader(record, sample_id, **context)
+        except RecordError as exc:
+            report.bad.append(BadRecord(str(path), sample_id, str(exc)))
+            continue
+        if sample is None:
+            continue
+        samples.append(Sample(**{**sample.__dict__, "media_root": str(media_root)}))
+        if max_samples is not None and len(samples) >= max_samples:
+            break
+    report.samples = len(samples)
+    return samples, report
+
+
+def read_source(source: DataSource, task_ids: dict[int, str]) -> tuple[list[Sample], list[ReadReport]]:
+    path = Path(source.path)
+    if not path.exists():
+        raise DataError(f"data source {path} does not exist")
+    media_root = Path(source.media_root) if source.media_root else default_media_root(path)
+    files = sorted(p for p in path.glob("*") if p.suffix in (".json", ".jsonl")) if path.is_dir() else [path]
+    samples, reports = [], []
+    for file in files:
+        remaining = None if source.max_samples is None else source.max_samples - len(samples)
+        if remaining is not None and remaining <= 0:
+            break
+        got, report = read_file(file, source.format, task_ids, media_root, remaining)
+        samples.extend(got)
+        reports.append(report)
+    return samples, reports

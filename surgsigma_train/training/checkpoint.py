@@ -1,0 +1,166 @@
+"""Atomic checkpoints: `step-N.tmp/` is written, a COMMITTED marker goes in last, then it is renamed.
+
+A folder without the marker (a save killed halfway) is never loaded and is cleaned up. Weights are
+saved in the Hugging Face layout (`model/` for full fine-tuning, `adapter/` for LoRA), so a
+checkpoint is also what `eval` and export load; optimizer, scheduler and RNG states are plain
+tensors loaded with `weights_only=True`.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import random
+import re
+import shutil
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+COMMIT_MARKER = "COMMITTED"
+_STEP_RE = re.compile(r"^step-(\d+)$")
+
+
+def _fsync_dir(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def rng_state() -> dict[str, Any]:
+    np_state = np.random.get_state()
+    state = {
+        "torch": torch.get_rng_state(),
+        "numpy_keys": torch.from_numpy(np_state[1].astype(np.int64)),
+        "numpy_meta": [np_state[0], int(np_state[2]), int(np_state[3]), float(np_state[4])],
+        "python": list(random.getstate()[1]),
+        "python_meta": [random.getstate()[0], random.getstate()[2]],
+    }
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def set_rng_state(state: dict[str, Any]) -> None:
+    torch.set_rng_state(state["torch"])
+    name, pos, has_gauss, cached = state["numpy_meta"]
+    np.random.set_state((name, state["numpy_keys"].numpy().astype(np.uint32), pos, has_gauss, cached))
+    version, gauss = state["python_meta"]
+    random.setstate((version, tuple(state["python"]), gauss))
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+def committed_checkpoints(checkpoint_dir: Path) -> list[Path]:
+    """Committed checkpoints, oldest first."""
+    if not checkpoint_dir.is_dir():
+        return []
+    found = []
+    for child in checkpoint_dir.iterdir():
+        match = _STEP_RE.match(child.name)
+        if match and (child / COMMIT_MARKER).is_file():
+            found.append((int(match.group(1)), child))
+    return [p for _, p in sorted(found)]
+
+
+def clean_uncommitted(checkpoint_dir: Path) -> list[Path]:
+    """Remove folders left by saves that never committed; returns what was removed."""
+    removed = []
+    if checkpoint_dir.is_dir():
+        for child in checkpoint_dir.iterdir():
+            if child.is_dir() and not (child / COMMIT_MARKER).is_file():
+                shutil.rmtree(child)
+                removed.append(child)
+    return removed
+
+
+def latest_checkpoint(checkpoint_dir: Path) -> Path | None:
+    found = committed_checkpoints(checkpoint_dir)
+    return found[-1] if found else None
+
+
+def save_checkpoint(checkpoint_dir: Path, step: int, model: torch.nn.Module, optimizer: torch.optim.Optimizer,
+                    scheduler: Any, trainer_state: dict[str, Any], tokenizer: Any | None = None,
+                    keep_last: int = 2, extra_files: dict[str, str] | None = None) -> Path:
+    final = checkpoint_dir / f"step-{step}"
+    tmp = checkpoint_dir / f"step-{step}.tmp"
+    if tmp.exists():
+        shutil.rmtree(tmp)
+    tmp.mkdir(parents=True)
+    is_peft = hasattr(model, "peft_config")
+    model.save_pretrained(tmp / ("adapter" if is_peft else "model"), safe_serialization=True)
+    if is_peft:
+        save_base_trainables(model, tmp / "adapter")
+    if tokenizer is not None:
+        tokenizer.save_pretrained(tmp / "tokenizer")
+    torch.save(optimizer.state_dict(), tmp / "optimizer.pt")
+    torch.save(scheduler.state_dict(), tmp / "scheduler.pt")
+    torch.save(rng_state(), tmp / "rng.pt")
+    (tmp / "trainer_state.json").write_text(json.dumps(trainer_state, indent=2, sort_keys=True))
+    for name, text in (extra_files or {}).items():
+        (tmp / name).write_text(text)
+    marker = tmp / COMMIT_MARKER
+    with marker.open("w") as fh:
+        fh.write(f"step {step}\n")
+        fh.flush()
+        os.fsync(fh.fileno())
+    if final.exists():  # an older run's step-N: replaced only now, once the new one is complete
+        shutil.rmtree(final)
+    os.replace(tmp, final)
+    _fsync_dir(checkpoint_dir)
+    for old in committed_checkpoints(checkpoint_dir)[:-keep_last]:
+        shutil.rmtree(old)
+    return final
+
+
+BASE_TRAINABLES = "base_trainables.safetensors"
+
+
+def save_base_trainables(model: torch.nn.Module, adapter_dir: Path) -> None:
+    """With LoRA, base parameters the user kept trainable (e.g. the projector) are not in the adapter
+    file peft writes; they are saved next to it so resume and eval get them back."""
+    from safetensors.torch import save_file
+
+    extra = {n: p.detach().cpu().contiguous() for n, p in model.named_parameters()
+             if p.requires_grad and "lora_" not in n}
+    if extra:
+        save_file(extra, str(adapter_dir / BASE_TRAINABLES))
+
+
+def load_base_trainables(model: torch.nn.Module, adapter_dir: Path) -> int:
+    from safetensors.torch import load_file
+
+    path = adapter_dir / BASE_TRAINABLES
+    if not path.is_file():
+        return 0
+    saved = load_file(str(path))
+    params = dict(model.named_parameters())
+    missing = [n for n in saved if n not in params]
+    if missing:
+        raise KeyError(f"{path}: parameters not in the model: {missing[:5]}")
+    with torch.no_grad():
+        for name, value in saved.items():
+            params[name].copy_(value)
+    return len(saved)
+
+
+def load_training_state(path: Path, optimizer: torch.optim.Optimizer, scheduler: Any) -> dict[str, Any]:
+    """Optimizer, scheduler and RNGs of a committed checkpoint; returns its trainer state."""
+    if not (path / COMMIT_MARKER).is_file():
+        raise FileNotFoundError(f"{path} is not a committed checkpoint (no {COMMIT_MARKER} marker)")
+    optimizer.load_state_dict(torch.load(path / "optimizer.pt", weights_only=True))
+    scheduler.load_state_dict(torch.load(path / "scheduler.pt", weights_only=True))
+    set_rng_state(torch.load(path / "rng.pt", weights_only=True))
+    return json.loads((path / "trainer_state.json").read_text())
+
+
+def weights_dir(path: Path) -> tuple[str, Path]:
+    """("adapter" | "model", folder) of a checkpoint's weights."""
+    for kind in ("adapter", "model"):
+        if (path / kind).is_dir():
+            return kind, path / kind
+    raise FileNotFoundError(f"{path} holds neither model/ nor adapter/ weights")

@@ -1,0 +1,190 @@
+"""Everything a run needs before its first step: the run folder and its record, the data, the model.
+
+A run folder is reproducible from itself: the resolved config, package and library versions, git
+commit, data manifest fingerprint, the video decoders present and the vision preprocessing spec.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import importlib.metadata
+import json
+import platform
+import subprocess
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from surgsigma_train import __version__
+from surgsigma_train.config.loading import dump_recipe
+from surgsigma_train.config.schema import DataSource, RecipeConfig
+from surgsigma_train.data.media import available_backends
+from surgsigma_train.data.readers import ReadReport, read_source
+from surgsigma_train.data.sample import Sample
+from surgsigma_train.errors import DataError
+from surgsigma_train.models.family import ModelFamily
+from surgsigma_train.models.registry import get_family
+from surgsigma_train.training import checkpoint as ckpt
+
+
+def read_samples(sources: list[DataSource], task_ids: dict[int, str]) -> tuple[list[Sample], list[ReadReport]]:
+    samples, reports = [], []
+    for source in sources:
+        got, rep = read_source(source, task_ids)
+        samples.extend(got)
+        reports.extend(rep)
+    return samples, reports
+
+
+def data_fingerprint(samples: list[Sample]) -> str:
+    """Identity of the training data: ids, media and targets in order (not file mtimes)."""
+    h = hashlib.sha256()
+    for s in samples:
+        h.update(json.dumps([s.id, s.task, [m.path for m in s.media], [m.content for m in s.messages]]).encode())
+    return h.hexdigest()[:16]
+
+
+def format_report(reports: list[ReadReport]) -> str:
+    lines = []
+    for r in reports:
+        lines.append(f"{r.file}: format {r.format}, {r.records} records -> {r.samples} samples, {len(r.bad)} bad")
+        for reason, n in sorted(r.excluded.items()):
+            lines.append(f"    excluded {n}: {reason}")
+        for name, n in sorted(r.unmapped_fields.items()):
+            lines.append(f"    unmapped field {name!r} in {n} records")
+        for bad in r.bad[:10]:
+            lines.append(f"    bad {bad.record}: {bad.reason}")
+        if len(r.bad) > 10:
+            lines.append(f"    ... {len(r.bad) - 10} more bad records (all in bad_samples.jsonl)")
+    return "\n".join(lines)
+
+
+def _git_commit() -> str | None:
+    try:
+        out = subprocess.run(["git", "rev-parse", "HEAD"], cwd=Path(__file__).parent, capture_output=True,
+                             text=True, timeout=10)
+    except (OSError, subprocess.SubprocessError):
+        return None
+    return out.stdout.strip() or None if out.returncode == 0 else None
+
+
+def _version(package: str) -> str | None:
+    try:
+        return importlib.metadata.version(package)
+    except importlib.metadata.PackageNotFoundError:
+        return None
+
+
+def vision_spec(cfg: RecipeConfig, processor: Any) -> dict[str, Any]:
+    """What eval and export must reproduce exactly: how pixels and frames became tokens."""
+    spec: dict[str, Any] = {"family": cfg.model.family, "video": cfg.video.model_dump(), "decoders": available_backends()}
+    for name in ("image_processor", "video_processor"):
+        sub = getattr(processor, name, None)
+        if sub is not None:
+            spec[name] = {"class": type(sub).__name__, **{
+                k: (v.tolist() if hasattr(v, "tolist") else v) for k, v in vars(sub).items()
+                if isinstance(v, (int, float, str, bool, list, tuple, dict)) and not k.startswith("_")}}
+    return spec
+
+
+@dataclass
+class RunContext:
+    cfg: RecipeConfig
+    run_dir: Path
+    family: ModelFamily
+    processor: Any
+    train_samples: list[Sample]
+    eval_samples: list[Sample]
+    reports: list[ReadReport] = field(default_factory=list)
+    data_fingerprint: str = ""
+
+    @property
+    def pad_token_id(self) -> int:
+        tok = self.processor.tokenizer
+        return tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id
+
+    def checkpoint_files(self) -> dict[str, str]:
+        return {"recipe.yaml": dump_recipe(self.cfg),
+                "vision_spec.json": json.dumps(vision_spec(self.cfg, self.processor), indent=2, default=str)}
+
+
+def build_processor(cfg: RecipeConfig, family: ModelFamily) -> Any:
+    v = cfg.video
+    return family.build_processor(
+        cfg.model.source, image_min_pixels=v.image_min_pixels, image_max_pixels=v.image_max_pixels,
+        video_min_pixels=v.video_min_pixels, video_max_pixels=v.video_max_pixels,
+        vision_backend=cfg.model.vision_backend,
+    )
+
+
+def prepare_run(cfg: RecipeConfig, *, need_train: bool = True, write_record: bool = True) -> RunContext:
+    run_dir = Path(cfg.output.dir)
+    run_dir.mkdir(parents=True, exist_ok=True)
+    family = get_family(cfg.model.family)
+    train, train_reports = read_samples(cfg.data.train, cfg.data.task_ids) if need_train else ([], [])
+    evals, eval_reports = read_samples(cfg.data.eval, cfg.data.task_ids)
+    reports = train_reports + eval_reports
+    if reports:
+        print(format_report(reports))
+    if need_train and not train:
+        raise DataError("no usable training samples (see the report above)")
+    processor = build_processor(cfg, family)
+    ctx = RunContext(cfg, run_dir, family, processor, train, evals, reports, data_fingerprint(train))
+    if write_record:
+        (run_dir / "config.yaml").write_text(dump_recipe(cfg))
+        with (run_dir / "bad_samples.jsonl").open("w") as fh:
+            for r in reports:
+                for bad in r.bad:
+                    fh.write(json.dumps({"file": bad.file, "id": bad.record, "reason": bad.reason}) + "\n")
+        info = {
+            "surgsigma_train": __version__, "git_commit": _git_commit(), "python": platform.python_version(),
+            "packages": {p: _version(p) for p in ("torch", "transformers", "peft", "accelerate", "tokenizers",
+                                                 "decord", "av", "deepspeed", "flash-attn")},
+            "device": torch.cuda.get_device_name(0) if torch.cuda.is_available() else "cpu",
+            "data_fingerprint": ctx.data_fingerprint, "train_samples": len(train), "eval_samples": len(evals),
+            "data_reports": [r.summary() for r in reports], "vision_spec": vision_spec(cfg, processor),
+        }
+        (run_dir / "run_info.json").write_text(json.dumps(info, indent=2, default=str))
+    return ctx
+
+
+def _build_base(cfg: RecipeConfig, family: ModelFamily, source: str | Path) -> torch.nn.Module:
+    return family.build_model(str(source), attn_implementation=cfg.model.attn_implementation,
+                              trust_remote_code=cfg.model.trust_remote_code, seed=cfg.train.seed)
+
+
+def build_model_for_training(cfg: RecipeConfig, family: ModelFamily, resume_from: Path | None) -> torch.nn.Module:
+    from surgsigma_train.training.params import apply_freezing, apply_lora
+
+    kind, weights = ckpt.weights_dir(resume_from) if resume_from is not None else (None, None)
+    model = _build_base(cfg, family, weights if kind == "model" else cfg.model.source)
+    if cfg.model.gradient_checkpointing:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    apply_freezing(model, family, cfg.train)
+    if cfg.lora.enabled:
+        model = apply_lora(model, family, cfg.lora, cfg.train)
+        if kind == "adapter":
+            from peft import set_peft_model_state_dict
+            from safetensors.torch import load_file
+
+            set_peft_model_state_dict(model, load_file(str(weights / "adapter_model.safetensors")))
+            ckpt.load_base_trainables(model, weights)
+    elif kind == "adapter":
+        raise ValueError(f"{resume_from} holds a LoRA adapter but lora.enabled is false")
+    return model
+
+
+def load_model_for_eval(cfg: RecipeConfig, family: ModelFamily, checkpoint: Path | None) -> torch.nn.Module:
+    if checkpoint is None:
+        return _build_base(cfg, family, cfg.model.source)
+    kind, weights = ckpt.weights_dir(checkpoint)
+    if kind == "model":
+        return _build_base(cfg, family, weights)
+    from peft import PeftModel
+
+    base = _build_base(cfg, family, cfg.model.source)
+    model = PeftModel.from_pretrained(base, str(weights))
+    ckpt.load_base_trainables(model, weights)
+    return model
