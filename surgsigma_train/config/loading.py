@@ -84,6 +84,8 @@ def _format_errors(exc: ValidationError, origin: str) -> str:
             lines.append(f"  unknown key {key!r}{hint}")
         elif err["type"] == "missing":
             lines.append(f"  missing required key {key!r}")
+        elif not loc:  # a cross-field check: its message names the keys
+            lines.append(f"  {err['msg'].removeprefix('Value error, ')}")
         else:
             lines.append(f"  {key}: {err['msg']} (got {err.get('input')!r})")
     return "\n".join(lines)

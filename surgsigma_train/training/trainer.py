@@ -45,11 +45,22 @@ class NonFiniteAbort(RuntimeError):
     """Too many consecutive optimizer steps with a non-finite loss or gradient norm."""
 
 
-def token_loss_sum(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
-    """Sum (not mean) of next-token cross-entropy over positions whose label is not ignored."""
-    return F.cross_entropy(
-        logits[:, :-1].flatten(0, 1).float(), labels[:, 1:].flatten(), ignore_index=IGNORE_INDEX, reduction="sum"
-    )
+def loss_positions(labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(positions whose logits predict a supervised token [B, L] bool, those tokens [N]).
+
+    Only these positions go through the LM head: with a ~150k vocabulary the logits of every
+    position would dominate the step's time and memory.
+    """
+    predicts = torch.zeros_like(labels, dtype=torch.bool)
+    predicts[:, :-1] = labels[:, 1:] != IGNORE_INDEX
+    return predicts, labels[:, 1:][predicts[:, :-1]]
+
+
+def token_loss_sum(model: torch.nn.Module, inputs: dict[str, torch.Tensor], labels: torch.Tensor) -> torch.Tensor:
+    """Sum (not mean) of next-token cross-entropy over the supervised tokens of one micro-batch."""
+    predicts, targets = loss_positions(labels)
+    logits = model(**inputs, use_cache=False, logits_to_keep=predicts).logits
+    return F.cross_entropy(logits.reshape(targets.numel(), -1).float(), targets, reduction="sum")
 
 
 def autocast_context(mode: str, device: torch.device):
@@ -151,8 +162,7 @@ class Trainer:
                     inputs = {k: v.to(self.device) for k, v in batch.inputs.items()}
                     labels = inputs.pop("labels")
                     with autocast_context(t.mixed_precision, self.device):
-                        logits = self.model(**inputs, use_cache=False).logits
-                    micro_loss = token_loss_sum(logits, labels)
+                        micro_loss = token_loss_sum(self.model, inputs, labels)
                     (micro_loss / loss_tokens).backward()
                     loss_sum += micro_loss.detach()
                 loss = (loss_sum / max(loss_tokens, 1)).item()
