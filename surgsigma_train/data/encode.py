@@ -2,7 +2,7 @@
 
 The loss mask is derived from the chat template itself, not from a hard-coded token pattern: the
 assistant turn i spans from the end of `render(messages[:i], add_generation_prompt=True)` to the end
-of `render(messages[:i+1])` (its end-of-turn token included, trailing newline not). The processor
+of `render(messages[:i+1])` (its end-of-turn token included, trailing newline not); a token overlapping a span is supervised. The processor
 then expands media placeholders and reports where each replacement went, so those character spans
 are mapped exactly onto the expanded text and from there onto tokens via the offset mapping.
 Samples that do not fit are dropped with a reason; nothing is truncated inside a media span.
@@ -184,10 +184,12 @@ class SampleEncoder:
             return pos + sum(delta for end, delta in shifts if end <= pos)
 
         mapped = [(expanded(a), expanded(b)) for a, b in spans]
-        starts = out["offset_mapping"][0][:, 0]
+        # A token is supervised when it overlaps a supervised span at all: a token straddling a
+        # boundary (e.g. `><` in `</think><answer>`) must be generated, so it must be learned.
+        starts, ends = out["offset_mapping"][0][:, 0], out["offset_mapping"][0][:, 1]
         in_span = torch.zeros_like(input_ids, dtype=torch.bool)
         for a, b in mapped:
-            in_span |= (starts >= a) & (starts < b)
+            in_span |= (starts < b) & (ends > a)
         labels = torch.where(in_span, input_ids, torch.full_like(input_ids, IGNORE_INDEX))
         if not in_span.any():
             raise EncodeError("no token carries loss (empty assistant answer after rendering)")
