@@ -1,0 +1,116 @@
+"""Encoding on the real Qwen tokenizer and processors: the loss mask covers exactly the assistant spans."""
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from surgsigma_train.config.schema import DataConfig, VideoConfig
+from surgsigma_train.data.encode import IGNORE_INDEX, EncodeError, SampleEncoder
+from surgsigma_train.data.media import MediaError
+from surgsigma_train.data.sample import MediaRef, Message, Sample
+from surgsigma_train.models.registry import get_family
+
+from tests.data.test_media import write_counter_video
+
+FAMILIES = ("qwen2_vl", "qwen2_5_vl", "qwen3_vl")
+SMALL = dict(image_min_pixels=28 * 28, image_max_pixels=56 * 56, video_min_pixels=28 * 28, video_max_pixels=56 * 56)
+
+
+@pytest.fixture(scope="module")
+def media_root(tmp_path_factory):
+    root = tmp_path_factory.mktemp("media")
+    Image.fromarray(np.random.default_rng(0).integers(0, 255, (60, 90, 3), dtype=np.uint8)).save(root / "a.png")
+    write_counter_video(root / "v.mp4", num_frames=16)
+    return root
+
+
+def encoder(family: str, **data_kw) -> SampleEncoder:
+    processor = get_family(family).build_processor("tiny", **SMALL)
+    data = DataConfig(train=[{"path": "x"}], **data_kw)
+    return SampleEncoder(processor, data, VideoConfig(num_frames=4, **{k: v for k, v in SMALL.items()}))
+
+
+def sample(root, **kw) -> Sample:
+    defaults = dict(
+        id="s1", media_root=str(root), task="phase_recognition",
+        media=(MediaRef("image", "a.png"), MediaRef("video", "v.mp4")),
+        messages=(Message("user", "<image>What phase?"), Message("assistant", "Preparation."),
+                  Message("user", "And here? <video>"), Message("assistant", "The action is clipping.")),
+    )
+    return Sample(**{**defaults, **kw})
+
+
+def supervised_text(enc, encoded) -> list[str]:
+    """Each contiguous run of supervised tokens, decoded."""
+    runs, current = [], []
+    for token, label in zip(encoded.input_ids.tolist(), encoded.labels.tolist()):
+        if label != IGNORE_INDEX:
+            current.append(token)
+        elif current:
+            runs.append(current)
+            current = []
+    if current:
+        runs.append(current)
+    return [enc.tokenizer.decode(r) for r in runs]
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_labels_cover_exactly_assistant_turns(family, media_root):
+    enc = encoder(family)
+    out = enc.encode(sample(media_root))
+    assert supervised_text(enc, out) == ["Preparation.<|im_end|>", "The action is clipping.<|im_end|>"]
+    assert torch.equal(out.labels[out.labels != IGNORE_INDEX], out.input_ids[out.labels != IGNORE_INDEX])
+    tok = enc.tokenizer
+    image_id, video_id = tok.convert_tokens_to_ids("<|image_pad|>"), tok.convert_tokens_to_ids("<|video_pad|>")
+    assert torch.equal(out.mm_token_type_ids == 1, out.input_ids == image_id)
+    assert torch.equal(out.mm_token_type_ids == 2, out.input_ids == video_id)
+    merge = 4  # 2x2 spatial merge
+    assert int((out.input_ids == image_id).sum()) == int(out.vision["image_grid_thw"].prod()) // merge
+    assert int((out.input_ids == video_id).sum()) == int(out.vision["video_grid_thw"].prod()) // merge
+    assert out.id == "s1" and out.task == "phase_recognition"
+
+
+def test_reasoning_formats_and_loss_switch(media_root):
+    s = sample(media_root, thinking="Level 1: a hook. Level 2: dissects. Level 3: clipping phase.")
+    plain = encoder("qwen2_5_vl", reasoning="plain")
+    assert supervised_text(plain, plain.encode(s))[-1] == "The action is clipping.<|im_end|>"
+    both = encoder("qwen2_5_vl", reasoning="reasoning")
+    target = "<think> Level 1: a hook. Level 2: dissects. Level 3: clipping phase. </think><answer> " \
+             "The action is clipping. </answer><|im_end|>"
+    assert supervised_text(both, both.encode(s))[-1] == target
+    answer_only = encoder("qwen2_5_vl", reasoning="reasoning", reasoning_loss=False)
+    # `><` straddles `</think>` and `<answer>`: it is generated, so it is supervised
+    assert supervised_text(answer_only, answer_only.encode(s))[-1] == "><answer> The action is clipping. </answer><|im_end|>"
+    # mix: a stable per-sample choice close to the ratio
+    mix = encoder("qwen2_5_vl", reasoning="mix", reasoning_ratio=0.3)
+    picks = [mix.use_reasoning(sample(media_root, id=f"s{i}", thinking="t")) for i in range(2000)]
+    assert 0.26 < sum(picks) / len(picks) < 0.34
+    assert picks == [mix.use_reasoning(sample(media_root, id=f"s{i}", thinking="t")) for i in range(2000)]
+
+
+def test_system_prompt_is_not_supervised(media_root):
+    enc = encoder("qwen2_vl", system_prompt="You are a surgical assistant.")
+    out = enc.encode(sample(media_root))
+    assert "You are a surgical assistant." in enc.tokenizer.decode(out.input_ids)
+    assert supervised_text(enc, out) == ["Preparation.<|im_end|>", "The action is clipping.<|im_end|>"]
+
+
+def test_too_long_is_refused_not_truncated(media_root):
+    enc = encoder("qwen2_5_vl", max_seq_len=40)
+    with pytest.raises(EncodeError, match="not truncated"):
+        enc.encode(sample(media_root))
+
+
+def test_missing_media_names_the_file(media_root):
+    enc = encoder("qwen2_5_vl")
+    with pytest.raises(MediaError, match="missing.png"):
+        enc.encode(sample(media_root, media=(MediaRef("image", "missing.png"), MediaRef("video", "v.mp4"))))
+
+
+def test_prompt_encoding_ends_with_generation_prompt(media_root):
+    enc = encoder("qwen3_vl")
+    out = enc.encode_prompt(sample(media_root))
+    assert enc.tokenizer.decode(out.input_ids).endswith("And here? <|vision_end|><|im_end|>\n<|im_start|>assistant\n") \
+        or enc.tokenizer.decode(out.input_ids).endswith("<|im_start|>assistant\n")
+    assert out.reference == "The action is clipping." and (out.labels == IGNORE_INDEX).all()
