@@ -83,7 +83,8 @@ def _cmd_validate(args: argparse.Namespace) -> int:
 def _cmd_data_demo(args: argparse.Namespace) -> int:
     from surgsigma_train.data.demo import write_demo_dataset
 
-    summary = write_demo_dataset(Path(args.out_dir), seed=args.seed)
+    summary = write_demo_dataset(Path(args.out_dir), seed=args.seed, n_train_videos=args.train_videos,
+                                 n_heldout_videos=args.heldout_videos)
     print(json.dumps(summary, indent=2, default=str))
     return 0
 
@@ -104,6 +105,8 @@ def build_parser() -> argparse.ArgumentParser:
     demo = data.add_parser("demo", help="write the synthetic SurgΣ-DB-format demo data set")
     demo.add_argument("out_dir")
     demo.add_argument("--seed", type=int, default=0)
+    demo.add_argument("--train-videos", type=int, default=32, help="synthetic training patient videos")
+    demo.add_argument("--heldout-videos", type=int, default=4, help="synthetic held-out patient videos")
     demo.set_defaults(func=_cmd_data_demo)
     return parser
 

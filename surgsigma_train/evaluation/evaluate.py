@@ -31,15 +31,20 @@ def normalize_answer(text: str) -> str:
 
 
 def select_eval_samples(samples: list[Sample], per_task: int | None) -> list[Sample]:
+    """Up to `per_task` samples of each task, evenly spaced over the held-out set (so a subset still spans
+    every held-out video instead of the first one), in the original order."""
     if per_task is None:
         return list(samples)
-    taken: dict[str, int] = defaultdict(int)
-    chosen = []
-    for s in samples:
-        if taken[s.task] < per_task:
-            taken[s.task] += 1
-            chosen.append(s)
-    return chosen
+    by_task: dict[str, list[int]] = defaultdict(list)
+    for i, s in enumerate(samples):
+        by_task[s.task].append(i)
+    keep: set[int] = set()
+    for indices in by_task.values():
+        if len(indices) <= per_task:
+            keep.update(indices)
+        else:
+            keep.update(indices[int(k * len(indices) / per_task)] for k in range(per_task))
+    return [s for i, s in enumerate(samples) if i in keep]
 
 
 def _stop_token_ids(tokenizer: Any) -> list[int]:

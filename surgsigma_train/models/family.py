@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import importlib.util
 import re
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from importlib import resources
 from typing import Any, Literal
@@ -212,8 +212,10 @@ class ModelFamily:
                 return self.model_class._from_config(
                     self.tiny_config(), dtype=dtype, attn_implementation=attn_implementation
                 )
+            # safetensors only: a pickled .bin checkpoint can run code when loaded
             return self.model_class.from_pretrained(
-                source, dtype=dtype, attn_implementation=attn_implementation, trust_remote_code=trust_remote_code
+                source, dtype=dtype, attn_implementation=attn_implementation, trust_remote_code=trust_remote_code,
+                use_safetensors=True,
             )
 
     # ---- freezing / optimizer groups / LoRA ------------------------------------------------------------------
@@ -234,9 +236,10 @@ class ModelFamily:
             raise KeyError(f"{self.name}: parameter {name!r} matches {reason} parameter group")
         return matches[0]  # type: ignore[return-value]
 
-    def lora_target_modules(self) -> str:
-        """peft ``target_modules`` regex: the ``default_lora_targets`` linears of the language model only."""
-        names = "|".join(re.escape(target) for target in self.default_lora_targets)
+    def lora_target_modules(self, targets: Sequence[str] | None = None) -> str:
+        """peft ``target_modules`` regex: the given (default: ``default_lora_targets``) linears of the language
+        model only."""
+        names = "|".join(re.escape(target) for target in (targets or self.default_lora_targets))
         return rf"(.*\.)?language_model\.layers\.\d+\.(self_attn|mlp)\.({names})"
 
 

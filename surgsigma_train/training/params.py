@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import math
-import re
 from typing import Any
 
 import torch
@@ -15,29 +14,11 @@ from surgsigma_train.models.family import ModelFamily
 GROUPS = ("vision", "projector", "language")
 
 
-def _owner_group(family: ModelFamily, name: str) -> str:
-    # peft wraps names ("base_model.model.<name>", ".base_layer.", ".lora_A.default.") — strip to the base name
-    base = name.removeprefix("base_model.model.").replace(".base_layer.", ".")
-    base = re.sub(r"\.lora_(A|B|embedding_A|embedding_B|magnitude_vector)\.[^.]+", "", base)
-    return family.param_group(base)
-
-
 def apply_freezing(model: nn.Module, family: ModelFamily, train: TrainConfig) -> None:
     frozen = {"vision": train.freeze_vision, "projector": train.freeze_projector, "language": train.freeze_language}
     for name, param in model.named_parameters():
-        if frozen[_owner_group(family, name)]:
+        if frozen[family.param_group(name)]:
             param.requires_grad_(False)
-
-
-def lora_target_regex(family: ModelFamily, targets: list[str] | None) -> str:
-    """A full-match regex over module names restricted to the language model.
-
-    Module names like `gate_proj` also exist in some vision towers (Qwen2.5-VL); matching by suffix
-    alone would silently put adapters there too.
-    """
-    names = targets or list(family.default_lora_targets)
-    prefixes = "|".join(re.escape(p.rstrip(".")) for p in family.language_model_prefixes)
-    return rf"^(?:{prefixes})\..*\b(?:{'|'.join(map(re.escape, names))})$"
 
 
 def apply_lora(model: nn.Module, family: ModelFamily, lora: LoraConfig, train: TrainConfig) -> nn.Module:
@@ -52,7 +33,7 @@ def apply_lora(model: nn.Module, family: ModelFamily, lora: LoraConfig, train: T
     trainable_full = [n for n, _ in model.named_parameters() if any(n.startswith(p + ".") for p in prefixes)]
     config = PeftLoraConfig(
         r=lora.rank, lora_alpha=lora.alpha, lora_dropout=lora.dropout, use_dora=lora.dora,
-        target_modules=lora_target_regex(family, lora.target_modules), bias="none",
+        target_modules=family.lora_target_modules(lora.target_modules), bias="none",
     )
     peft_model = get_peft_model(model, config)
     if not any("lora_" in n for n, _ in peft_model.named_parameters()):
@@ -72,7 +53,7 @@ def param_groups(model: nn.Module, family: ModelFamily, train: TrainConfig) -> l
         if not param.requires_grad:
             continue
         decay = param.ndim >= 2 and "norm" not in name.lower()
-        buckets.setdefault((_owner_group(family, name), decay), []).append(param)
+        buckets.setdefault((family.param_group(name), decay), []).append(param)
     return [
         {"params": params, "lr": lrs[group], "weight_decay": train.weight_decay if decay else 0.0,
          "group": group}

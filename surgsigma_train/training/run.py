@@ -115,7 +115,7 @@ def build_processor(cfg: RecipeConfig, family: ModelFamily) -> Any:
     return family.build_processor(
         cfg.model.source, image_min_pixels=v.image_min_pixels, image_max_pixels=v.image_max_pixels,
         video_min_pixels=v.video_min_pixels, video_max_pixels=v.video_max_pixels,
-        vision_backend=cfg.model.vision_backend,
+        vision_backend=cfg.model.vision_backend, trust_remote_code=cfg.model.trust_remote_code,
     )
 
 

@@ -20,7 +20,8 @@ def test_normalize_answer():
 def test_select_eval_samples_per_task():
     samples = [Sample(id=str(i), task="ab"[i % 2], messages=(Message("assistant", "x"),)) for i in range(10)]
     chosen = select_eval_samples(samples, 2)
-    assert [s.id for s in chosen] == ["0", "1", "2", "3"]
+    assert [s.id for s in chosen] == ["0", "1", "4", "5"]  # spread over each task's samples, not the first ones
+    assert len(select_eval_samples(samples, 9)) == 10
 
 
 def cli(*args: str) -> subprocess.CompletedProcess:
