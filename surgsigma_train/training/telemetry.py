@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import sys
 from pathlib import Path
 from typing import Any
 
@@ -23,7 +24,10 @@ class Telemetry:
 
             self._writer = SummaryWriter(log_dir=str(run_dir / "tensorboard"))
         if progress_bar:
-            self._bar = tqdm(total=total_steps, initial=initial_step, desc="train", unit="step", dynamic_ncols=True)
+            # In a log file (Slurm, CI) a bar redrawn every step would be most of the log: refresh rarely.
+            interactive = sys.stderr.isatty()
+            self._bar = tqdm(total=total_steps, initial=initial_step, desc="train", unit="step", dynamic_ncols=True,
+                             mininterval=0.5 if interactive else 30.0)
 
     def log(self, record: dict[str, Any]) -> None:
         if not self.enabled:
