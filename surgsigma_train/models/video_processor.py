@@ -12,7 +12,9 @@ Contract (narrower than the stock classes, on purpose):
   ``do_sample_frames`` must stay False (stock Qwen3-VL defaults to True and would re-sample our frames).
 * ``video_metadata`` (one ``VideoMetadata``/dict per video: ``fps`` and ``frames_indices`` of the source video,
   ``total_num_frames``...) is passed through, copied, so that Qwen2.5-VL's ``second_per_grid_ts`` and Qwen3-VL's
-  frame timestamps come out right and the caller's objects are never mutated.
+  frame timestamps come out right and the caller's objects are never mutated. Pass ``ClipVideoMetadata`` (real
+  frame times) for clips cut from longer files or variable-frame-rate video: plain ``VideoMetadata`` derives time
+  from frame indices, which is wrong there (see its docstring).
 * unknown or unsupported options (centre crop, frame sampling, file paths) raise instead of being ignored.
 
 Pixel pipeline, as the stock classes: ``smart_resize`` (family rule) -> bicubic anti-aliased resize on the
@@ -23,6 +25,8 @@ multiple of ``temporal_patch_size`` by repeating the last frame -> Qwen patch la
 from __future__ import annotations
 
 import copy
+import math
+from dataclasses import dataclass
 from typing import Any, ClassVar
 
 import numpy as np
@@ -55,6 +59,68 @@ from surgsigma_train.models.vision_ops import (
     rescale_and_normalize_like_transformers,
     resize_like_torchvision,
 )
+
+
+@dataclass
+class ClipVideoMetadata(VideoMetadata):
+    """``VideoMetadata`` carrying the real presentation time of every frame given to the processor.
+
+    transformers derives time from frame indices: Qwen3-VL's frame timestamps are ``frames_indices / fps`` and
+    Qwen2.5-VL's ``second_per_grid_ts`` is ``temporal_patch_size / sampled_fps`` with ``sampled_fps =
+    len(frames_indices) / total_num_frames * fps``. Both assume a constant frame rate, and ``sampled_fps`` also
+    assumes the frames span the whole file: 4 frames from a 2 s clip of a 1 h, 30 fps video give 1800 s per
+    temporal patch instead of 1 s. This class overrides the two properties with values computed from
+    ``frame_times_s``, so every consumer (our processors, the stock ones, other models' processors) gets real time:
+
+    * ``timestamps``: ``frame_times_s - time_origin_s``, the frame times the model is shown (Qwen3-VL text).
+      ``time_origin_s`` = the clip start gives clip-relative times, 0 gives times in the source file.
+    * ``sampled_fps``: 1 / the mean real interval between consecutive frames, so Qwen2.5-VL's
+      ``second_per_grid_ts`` = ``temporal_patch_size`` x that interval = real seconds per temporal patch.
+      Intervals, hence ``second_per_grid_ts``, do not depend on ``time_origin_s``.
+
+    ``frames_indices`` stay the source-file indices (for the record); ``total_num_frames`` and ``fps`` describe the
+    source file.
+    """
+
+    frame_times_s: list[float] | None = None  # presentation time (s) in the source file of each frame, in order
+    time_origin_s: float = 0.0  # subtracted from frame_times_s for the times shown to the model
+
+    def __post_init__(self) -> None:
+        if self.frame_times_s is None:
+            raise ValueError("ClipVideoMetadata needs frame_times_s (use VideoMetadata when they are unknown)")
+        self.frame_times_s = [float(time) for time in self.frame_times_s]
+        times = self.frame_times_s
+        if not times:
+            raise ValueError("ClipVideoMetadata.frame_times_s is empty")
+        if not all(math.isfinite(time) for time in times) or not math.isfinite(self.time_origin_s):
+            raise ValueError(f"frame times must be finite, got {times} with origin {self.time_origin_s}")
+        if any(later < earlier for earlier, later in zip(times, times[1:])):
+            raise ValueError(f"frame_times_s must be non-decreasing (frames in presentation order), got {times}")
+        if times[0] < self.time_origin_s:
+            raise ValueError(f"first frame at {times[0]} s is before the time origin {self.time_origin_s} s")
+        if self.frames_indices is not None and len(self.frames_indices) != len(times):
+            raise ValueError(f"{len(self.frames_indices)} frames_indices but {len(times)} frame_times_s")
+
+    @property
+    def timestamps(self) -> list[float]:
+        """Time of each frame as shown to the model (seconds from ``time_origin_s``)."""
+        return [time - self.time_origin_s for time in self.frame_times_s]  # type: ignore[union-attr]
+
+    @property
+    def seconds_per_frame(self) -> float:
+        """Mean real interval between consecutive frames; the source frame interval for a single instant."""
+        times = self.frame_times_s  # type: ignore[union-attr]
+        span_s = times[-1] - times[0]
+        if len(times) > 1 and span_s > 0:
+            return span_s / (len(times) - 1)
+        # One frame (or one instant): no interval to measure. Only temporal index 0 exists then, so the value never
+        # reaches a position id; the source frame interval keeps it finite and meaningful in logs.
+        return 1.0 / (self.fps or 24)
+
+    @property
+    def sampled_fps(self) -> float:
+        """Real sampling rate: 1 / ``seconds_per_frame``."""
+        return 1.0 / self.seconds_per_frame
 
 
 class QwenVideoProcessorKwargs(VideosKwargs, total=False):
@@ -126,6 +192,30 @@ class QwenVideoProcessor(BaseVideoProcessor):
         raise NotImplementedError
 
     # ---- public helpers --------------------------------------------------------------------------------------
+    def planned_grid_thw(
+        self, num_frames: int, height: int, width: int, *, min_pixels: int | None = None, max_pixels: int | None = None
+    ) -> tuple[int, int, int]:
+        """(grid_t, grid_h, grid_w) that ``preprocess`` gives a ``num_frames x height x width`` video.
+
+        Same rule and options as the pixel pipeline (this processor's patch/merge sizes and pixel cap; the size
+        bounds overridden by ``min_pixels`` / ``max_pixels``). The token planner uses it, so planned and actual
+        grids cannot drift apart.
+        """
+        size = self._to_size_dict(None, min_pixels, max_pixels)
+        resized_height, resized_width = self.resized_size(
+            num_frames,
+            height,
+            width,
+            size=size,
+            patch_size=self.patch_size,
+            merge_size=self.merge_size,
+            temporal_patch_size=self.temporal_patch_size,
+            cap_pixels_per_frame=self.cap_pixels_per_frame,
+            max_video_tokens=self.max_video_tokens,
+        )
+        grid_t = -(-num_frames // self.temporal_patch_size)  # frames are padded up to a multiple
+        return grid_t, resized_height // self.patch_size, resized_width // self.patch_size
+
     def get_num_of_video_patches(
         self, num_frames: int, height: int, width: int, videos_kwargs: dict[str, Any] | None = None
     ) -> int:
@@ -363,6 +453,7 @@ class Qwen3VLVideoProcessorTorch(QwenVideoProcessor):
 
 
 __all__ = [
+    "ClipVideoMetadata",
     "Qwen2VLVideoProcessorTorch",
     "Qwen3VLVideoProcessorTorch",
     "QwenVideoProcessor",
