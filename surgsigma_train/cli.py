@@ -89,6 +89,27 @@ def _cmd_data_demo(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_data_inspect(args: argparse.Namespace) -> int:
+    cfg = load_recipe(args.recipe, args.overrides)
+    from surgsigma_train.data.encode import SampleEncoder
+    from surgsigma_train.models.registry import get_family
+    from surgsigma_train.training.run import build_processor, read_samples
+
+    samples, _ = read_samples(cfg.data.train + cfg.data.eval, cfg.data.task_ids)
+    match = [s for s in samples if s.id == args.sample]
+    if not match:
+        raise DataError(f"no sample with id {args.sample!r} in the recipe's train or eval data")
+    family = get_family(cfg.model.family)
+    encoder = SampleEncoder(build_processor(cfg, family), family, cfg.data, cfg.video, seed=cfg.train.seed)
+    report = encoder.inspect(match[0])
+    if args.json:
+        print(json.dumps(report, indent=2))
+    else:
+        for key, value in report.items():
+            print(f"{key}: {value}")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="surgsigma-train", description=__doc__.splitlines()[0])
     sub = parser.add_subparsers(dest="command", required=True)
@@ -108,6 +129,12 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--train-videos", type=int, default=32, help="synthetic training patient videos")
     demo.add_argument("--heldout-videos", type=int, default=4, help="synthetic held-out patient videos")
     demo.set_defaults(func=_cmd_data_demo)
+    inspect = data.add_parser("inspect", help="show how one sample is sampled, sized and tokenised")
+    inspect.add_argument("recipe")
+    inspect.add_argument("overrides", nargs="*", help="key.sub=value overrides")
+    inspect.add_argument("--sample", required=True, help="sample id")
+    inspect.add_argument("--json", action="store_true", help="print JSON")
+    inspect.set_defaults(func=_cmd_data_inspect)
     return parser
 
 

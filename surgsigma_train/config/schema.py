@@ -34,6 +34,7 @@ class DataSource(Strict):
     format: Literal["auto", "surgsigma", "llava", "openai"] = "auto"
     media_root: str | None = Field(None, description="root that media paths are relative to (default: the file's folder, or its raw_data/ if present)")
     max_samples: int | None = Field(None, ge=1, description="keep the first N samples (debugging)")
+    video: VideoSampling | None = Field(None, description="frame sampling for this source (default: video.sampling)")
 
 
 # Task ids as they appear in the data -> registry names. The released numbering is not confirmed
@@ -70,17 +71,36 @@ class DataConfig(Strict):
     reasoning_ratio: float = Field(0.5, ge=0.0, le=1.0, description="share of reasoning targets when reasoning=mix")
     reasoning_loss: bool = Field(True, description="whether tokens inside <think>..</think> carry loss")
     system_prompt: str | None = None
-    max_seq_len: int = Field(4096, ge=16, description="longer samples are dropped with a reason, never truncated")
+    max_seq_len: int = Field(
+        4096, ge=16, description="token budget per sample: videos are planned down (frames, then pixels) to fit; "
+        "a sample that still does not fit is dropped with a reason, never truncated")
     num_workers: int = Field(0, ge=0)
 
 
+class VideoSampling(Strict):
+    """Which frames of a clip are decoded (see data/video/types.py SamplingSpec)."""
+
+    fps: float | None = Field(2.0, gt=0, description="target frames per second over the clip")
+    num_frames: int | None = Field(None, ge=1, description="exactly this many frames (overrides fps)")
+    min_frames: int = Field(2, ge=1)
+    max_frames: int = Field(32, ge=1)
+    mode: Literal["uniform", "segment_random"] = Field(
+        "uniform", description="segment_random: one random frame per segment, seeded by sample id and epoch")
+
+
 class VideoConfig(Strict):
-    backend: Literal["auto", "decord", "pyav"] = "auto"
-    num_frames: int = Field(8, ge=1, description="frames sampled uniformly from each clip")
+    backend: Literal["auto", "decord", "pyav", "torchcodec"] = "auto"
+    sampling: VideoSampling = VideoSampling()
     image_min_pixels: int = 56 * 56
     image_max_pixels: int = 28 * 28 * 1280
     video_min_pixels: int = 56 * 56
     video_max_pixels: int = 28 * 28 * 256
+    timestamps: Literal["clip", "source"] = Field(
+        "clip", description="Qwen3-VL frame times relative to the clip start or to the file start")
+    cache_dir: str | None = Field(None, description="on-disk cache of decoded, resized frames (shared across runs)")
+    cache_max_gb: float = Field(20.0, gt=0)
+    isolate: bool = Field(False, description="decode in a child process: a native decoder crash costs one sample")
+    decode_timeout_s: float = Field(120.0, gt=0, description="with isolate: a decode taking longer is a bad file")
 
 
 class LoraConfig(Strict):

@@ -12,16 +12,20 @@ from __future__ import annotations
 
 import hashlib
 import re
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
 import torch
-from transformers.video_utils import VideoMetadata
 
 from surgsigma_train.config.schema import DataConfig, VideoConfig
-from surgsigma_train.data.media import MediaError, VideoClip, load_image, load_video, resolve_media_path
-from surgsigma_train.data.sample import IMAGE_PLACEHOLDER, VIDEO_PLACEHOLDER, Sample
+from surgsigma_train.data.media import load_image, resolve_media_path
+from surgsigma_train.data.sample import IMAGE_PLACEHOLDER, VIDEO_PLACEHOLDER, MediaRef, Sample
+from surgsigma_train.data.video import FrameCache, load_clip, probe, select_frames
+from surgsigma_train.data.video.planning import (BudgetDecision, PlanningError, VideoRequest, count_text_tokens,
+                                                 fit_to_budget, plan_image, video_metadata_for_clip)
+from surgsigma_train.data.video.types import SamplingSpec, VideoClip, VideoMeta
+from surgsigma_train.models.family import ModelFamily
 
 IGNORE_INDEX = -100
 _PLACEHOLDER_RE = re.compile(f"({re.escape(IMAGE_PLACEHOLDER)}|{re.escape(VIDEO_PLACEHOLDER)})")
@@ -69,12 +73,17 @@ def _stable_fraction(*parts: Any) -> float:
 
 
 class SampleEncoder:
-    def __init__(self, processor: Any, data_cfg: DataConfig, video_cfg: VideoConfig, seed: int = 0):
+    def __init__(self, processor: Any, family: ModelFamily, data_cfg: DataConfig, video_cfg: VideoConfig,
+                 seed: int = 0):
         self.processor = processor
         self.tokenizer = processor.tokenizer
+        self.family = family
         self.data_cfg = data_cfg
         self.video_cfg = video_cfg
         self.seed = seed
+        self.epoch = 0  # seeds segment_random frame jitter; set by the dataset each epoch
+        self.cache = (FrameCache(video_cfg.cache_dir, max_bytes=int(video_cfg.cache_max_gb * 2**30))
+                      if video_cfg.cache_dir else None)
 
     # ------------------------------------------------------------ targets
     def use_reasoning(self, sample: Sample) -> bool:
@@ -137,31 +146,71 @@ class SampleEncoder:
         return full, spans
 
     # ------------------------------------------------------------ media
-    def load_media(self, sample: Sample) -> tuple[list[Any], list[VideoClip]]:
-        root = Path(sample.media_root)
-        images, clips = [], []
-        for ref in sample.media:
-            path = resolve_media_path(root, ref.path)
-            if ref.kind == "image":
-                images.append(load_image(path))
-            else:
-                clips.append(load_video(path, ref, self.video_cfg.num_frames, self.video_cfg.backend))
-        return images, clips
+    def sampling_spec(self, sample: Sample, ref: MediaRef) -> SamplingSpec:
+        """The run's frame sampling, the sample source's override, then the clip bounds of this reference."""
+        sampling = sample.sampling if sample.sampling is not None else self.video_cfg.sampling.model_dump()
+        return SamplingSpec(**sampling, start_s=ref.start_s, end_s=ref.end_s, observe_until_s=ref.observe_until_s)
 
-    def _process(self, text: str, images: list[Any], clips: list[VideoClip]) -> dict[str, Any]:
+    def _probe(self, path: Path) -> VideoMeta:
+        return probe(path, self.video_cfg.backend)
+
+    def plan_videos(self, sample: Sample, text: str, images: list[Any]) -> tuple[list[tuple[Path, SamplingSpec, VideoMeta]], BudgetDecision | None]:
+        """Container metadata first: which frames and pixels each video gets so the sample fits the token budget.
+
+        Nothing is decoded here. A sample that cannot fit even at the fewest frames and pixels is refused.
+        """
+        videos, requests = [], []
+        for ref in sample.media:
+            if ref.kind != "video":
+                continue
+            path = resolve_media_path(Path(sample.media_root), ref.path)
+            spec = self.sampling_spec(sample, ref)
+            meta = self._probe(path)
+            chosen = select_frames(meta, spec, sample_key=sample.id, epoch=self.epoch)
+
+            def fewer(n: int, meta: VideoMeta = meta, spec: SamplingSpec = spec) -> list[int]:
+                return select_frames(meta, replace(spec, num_frames=n), sample_key=sample.id, epoch=self.epoch)
+
+            videos.append((path, spec, meta))
+            requests.append(VideoRequest.from_spec(meta, spec, chosen, timestamps=self.video_cfg.timestamps,
+                                                   select=fewer))
+        if not requests:
+            return videos, None
+        v = self.video_cfg
+        try:
+            other = count_text_tokens(text, self.processor) + sum(
+                plan_image(img.height, img.width, self.family, self.processor, min_pixels=v.image_min_pixels,
+                           max_pixels=v.image_max_pixels).num_tokens for img in images)
+            decision = fit_to_budget(requests, self.family, self.processor, max_tokens=self.data_cfg.max_seq_len,
+                                     other_tokens=other, min_pixels=v.video_min_pixels, max_pixels=v.video_max_pixels)
+        except PlanningError as exc:
+            raise EncodeError(f"cannot plan the visual tokens: {exc}") from exc
+        if not decision.keep:
+            raise EncodeError(decision.reason)
+        return videos, decision
+
+    def load_media(self, sample: Sample, text: str) -> tuple[list[Any], list[VideoClip], BudgetDecision | None]:
+        root = Path(sample.media_root)
+        images = [load_image(resolve_media_path(root, ref.path)) for ref in sample.media if ref.kind == "image"]
+        videos, decision = self.plan_videos(sample, text, images)
+        clips = [
+            load_clip(path, spec, backend=self.video_cfg.backend, sample_key=sample.id, epoch=self.epoch,
+                      cache=self.cache, isolate=self.video_cfg.isolate, timeout_s=self.video_cfg.decode_timeout_s,
+                      frame_indices=plan.frame_indices, meta=meta)
+            for (path, spec, meta), plan in zip(videos, decision.plans if decision else ())
+        ]
+        return images, clips, decision
+
+    def _process(self, text: str, images: list[Any], clips: list[VideoClip], decision: BudgetDecision | None,
+                 sample: Sample) -> dict[str, Any]:
         kwargs: dict[str, Any] = {}
         if clips:
+            starts = [ref.start_s for ref in sample.media if ref.kind == "video"]
             kwargs["videos"] = [c.frames_THWC for c in clips]
-            kwargs["video_metadata"] = [
-                VideoMetadata(
-                    total_num_frames=c.source_num_frames, fps=c.source_fps,
-                    height=int(c.frames_THWC.shape[1]), width=int(c.frames_THWC.shape[2]),
-                    duration=c.source_num_frames / c.source_fps, frames_indices=list(c.frame_indices),
-                    video_backend=c.backend,
-                )
-                for c in clips
-            ]
-            kwargs["do_sample_frames"] = False
+            kwargs["video_metadata"] = [video_metadata_for_clip(c, clip_start_s=start, timestamps=self.video_cfg.timestamps)
+                                        for c, start in zip(clips, starts)]
+            kwargs["videos_kwargs"] = {"size": {"shortest_edge": decision.min_pixels, "longest_edge": decision.max_pixels},
+                                       "input_data_format": "channels_last"}
         return self.processor(
             text=[text], images=images or None, return_text_replacement_offsets=True,
             return_offsets_mapping=True, return_tensors="pt", **kwargs,
@@ -171,9 +220,10 @@ class SampleEncoder:
     def encode(self, sample: Sample) -> EncodedSample:
         """Training inputs for the whole conversation. Raises MediaError / EncodeError."""
         text, spans = self.render_with_spans(self.conversation(sample))
-        images, clips = self.load_media(sample)
-        out = self._process(text, images, clips)
+        images, clips, decision = self.load_media(sample, text)
+        out = self._process(text, images, clips, decision, sample)
         input_ids = out["input_ids"][0]
+        _check_plan(decision, input_ids.numel(), sample)
         if input_ids.numel() > self.data_cfg.max_seq_len:
             raise EncodeError(f"{input_ids.numel()} tokens > data.max_seq_len {self.data_cfg.max_seq_len} "
                               "(not truncated: that would cut a media span or the answer)")
@@ -199,18 +249,55 @@ class SampleEncoder:
             backends=tuple(c.backend for c in clips),
         )
 
+    def inspect(self, sample: Sample) -> dict[str, Any]:
+        """What encoding one sample does: frames, times, sizes, planned vs actual tokens (`data inspect`)."""
+        text, _ = self.render_with_spans(self.conversation(sample))
+        images, clips, decision = self.load_media(sample, text)
+        out = self._process(text, images, clips, decision, sample)
+        plans = decision.plans if decision else ()
+        grids = out.get("video_grid_thw")
+        v = self.video_cfg
+        image_plans = [plan_image(img.height, img.width, self.family, self.processor, min_pixels=v.image_min_pixels,
+                                  max_pixels=v.image_max_pixels) for img in images]
+        refs = [r for r in sample.media if r.kind == "image"]
+        return {
+            "id": sample.id, "task": sample.task, "source_video": sample.source_video,
+            "planned_tokens": decision.total_tokens if decision else None,
+            "actual_tokens": int(out["input_ids"].shape[1]), "max_seq_len": self.data_cfg.max_seq_len,
+            "budget": decision.reason if decision else None,
+            "videos": [{
+                "path": c.path, "backend": c.backend, "frame_indices": list(c.frame_indices),
+                "timestamps_s": [round(t, 6) for t in c.timestamps_s], "source_fps": c.source_fps,
+                "source_num_frames": c.source_num_frames, "decoded_size_HW": list(c.frames_THWC.shape[1:3]),
+                "resized_size_HW": [plan.resized_height, plan.resized_width], "grid_thw": list(plan.grid_thw),
+                "processor_grid_thw": grids[i].tolist() if grids is not None else None,
+                "planned_tokens": plan.num_tokens, "cache": c.extra.get("cache"), "notes": list(c.extra.get("notes", ())),
+            } for i, (c, plan) in enumerate(zip(clips, plans))],
+            "images": [{"path": ref.path, "size_HW": [img.height, img.width],
+                        "resized_size_HW": [p.resized_height, p.resized_width], "planned_tokens": p.num_tokens}
+                       for ref, img, p in zip(refs, images, image_plans)],
+        }
+
     def encode_prompt(self, sample: Sample) -> EncodedSample:
         """Inputs for generation: everything before the final answer, plus the generation prompt."""
         text = self._render(self.conversation(sample, with_final_answer=False), True)
-        images, clips = self.load_media(sample)
-        out = self._process(text, images, clips)
+        images, clips, decision = self.load_media(sample, text)
+        out = self._process(text, images, clips, decision, sample)
         input_ids = out["input_ids"][0]
+        _check_plan(decision, input_ids.numel(), sample)
         return EncodedSample(
             id=sample.id, task=sample.task, source_video=sample.source_video, input_ids=input_ids,
             labels=torch.full_like(input_ids, IGNORE_INDEX), mm_token_type_ids=out["mm_token_type_ids"][0],
             vision=_vision_tensors(out), backends=tuple(c.backend for c in clips),
             reference=sample.messages[-1].content,
         )
+
+
+def _check_plan(decision: BudgetDecision | None, actual: int, sample: Sample) -> None:
+    """Metadata-first planning must agree with the processor; a disagreement is a bug, reported per sample."""
+    if decision is not None and decision.total_tokens != actual:
+        raise EncodeError(f"planned {decision.total_tokens} tokens but the processor produced {actual} "
+                          "(a planning bug: please report it with this sample)")
 
 
 _VISION_KEYS = ("pixel_values", "image_grid_thw", "pixel_values_videos", "video_grid_thw", "second_per_grid_ts")

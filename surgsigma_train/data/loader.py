@@ -28,6 +28,10 @@ class SFTDataset(Dataset):
     def __len__(self) -> int:
         return len(self.samples)
 
+    def set_epoch(self, epoch: int) -> None:
+        """Seeds per-epoch randomness of encoding (segment_random frame jitter); set before workers start."""
+        self.encoder.epoch = epoch
+
     def __getitem__(self, index: int) -> EncodedSample | DroppedSample:
         sample = self.samples[index]
         try:

@@ -10,7 +10,7 @@ from __future__ import annotations
 import json
 import re
 from collections import Counter
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any, Iterator
 
@@ -87,6 +87,15 @@ def _finish(sample_id: str, messages: list[Message], media: list[MediaRef], **kw
             raise RecordError("media placeholder in an assistant turn (media can only be inputs)")
         if m.role == "assistant" and not m.content.strip():
             raise RecordError("empty assistant turn")
+    for ref in media:
+        bounds = {"start": ref.start_s, "end": ref.end_s, "observe_until": ref.observe_until_s}
+        for name, value in bounds.items():
+            if value is not None and (isinstance(value, bool) or not isinstance(value, (int, float)) or value < 0):
+                raise RecordError(f"{ref.path}: {name} must be a non-negative number of seconds, got {value!r}")
+        if ref.start_s is not None and ref.end_s is not None and ref.end_s <= ref.start_s:
+            raise RecordError(f"{ref.path}: clip end {ref.end_s} s is not after its start {ref.start_s} s")
+        if ref.observe_until_s is not None and ref.start_s is not None and ref.observe_until_s <= ref.start_s:
+            raise RecordError(f"{ref.path}: observe_until {ref.observe_until_s} s is not after the clip start")
     kinds = [tok for m in messages for tok in _PLACEHOLDER_RE.findall(m.content)]
     expected = [IMAGE_PLACEHOLDER if r.kind == "image" else VIDEO_PLACEHOLDER for r in media]
     if kinds != expected:
@@ -119,7 +128,8 @@ def _media_from_fields(record: dict) -> list[MediaRef]:
     for key, kind in (("image", "image"), ("images", "image"), ("video", "video"), ("videos", "video")):
         for item in _as_list(record.get(key)):
             if isinstance(item, dict):
-                refs.append(MediaRef(kind, str(item.get("path", "")), item.get("start"), item.get("end")))
+                refs.append(MediaRef(kind, str(item.get("path", "")), item.get("start"), item.get("end"),
+                                     item.get("observe_until")))
             elif isinstance(item, str):
                 refs.append(MediaRef(kind, item))
             else:
@@ -202,7 +212,7 @@ def _read_openai(record: dict, sample_id: str, **_: Any) -> Sample:
                 path = part.get("video") or part.get("path") or (part.get("video_url") or {}).get("url")
                 if not isinstance(path, str):
                     raise RecordError("video part without a path")
-                media.append(MediaRef("video", path, part.get("start"), part.get("end")))
+                media.append(MediaRef("video", path, part.get("start"), part.get("end"), part.get("observe_until")))
                 text.append(VIDEO_PLACEHOLDER)
             else:
                 raise RecordError(f"unknown content part type {kind!r}")
@@ -387,7 +397,7 @@ def read_file(path: Path, fmt: str, task_ids: dict[int, str], media_root: Path,
             continue
         if sample is None:
             continue
-        samples.append(Sample(**{**sample.__dict__, "media_root": str(media_root)}))
+        samples.append(replace(sample, media_root=str(media_root)))
         if max_samples is not None and len(samples) >= max_samples:
             break
     report.samples = len(samples)
@@ -406,6 +416,8 @@ def read_source(source: DataSource, task_ids: dict[int, str]) -> tuple[list[Samp
         if remaining is not None and remaining <= 0:
             break
         got, report = read_file(file, source.format, task_ids, media_root, remaining)
+        if source.video is not None:
+            got = [replace(s, sampling=source.video.model_dump()) for s in got]
         samples.extend(got)
         reports.append(report)
     return samples, reports

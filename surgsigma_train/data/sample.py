@@ -17,13 +17,16 @@ class MediaRef:
     """One image or video clip referenced by a sample.
 
     ``path`` is relative to the data root (readers never produce absolute paths that escape it).
-    For videos, ``start_s``/``end_s`` select a clip in seconds (``None`` = start/end of the file).
+    For videos, ``start_s``/``end_s`` select a clip in seconds of the file (``None`` = start/end of the
+    file) and ``observe_until_s`` is a cutoff after which no frame is ever decoded (planning tasks:
+    the model must not see the future it is asked about).
     """
 
     kind: Literal["image", "video"]
     path: str
     start_s: float | None = None
     end_s: float | None = None
+    observe_until_s: float | None = None
 
 
 @dataclass(frozen=True)
@@ -53,6 +56,7 @@ class Sample:
     source_video: str | None = None  # split key: samples of one patient video never cross splits
     media_root: str = ""  # folder the media paths are relative to
     thinking: str | None = None  # hierarchical reasoning for the (last) answer, when the record has it
+    sampling: dict | None = field(default=None, compare=False, hash=False)  # the source's video sampling override
     extra: dict = field(default_factory=dict, compare=False, hash=False)
 
     @property

@@ -71,7 +71,7 @@ def evaluate(cfg: RecipeConfig, checkpoint: Path | None = None) -> dict[str, Any
     model = load_model_for_eval(cfg, ctx.family, checkpoint).to(device).eval()
     tokenizer = ctx.processor.tokenizer
     samples = select_eval_samples(ctx.eval_samples, cfg.eval.max_samples_per_task)
-    encoder = SampleEncoder(ctx.processor, cfg.data, cfg.video, seed=cfg.train.seed)
+    encoder = SampleEncoder(ctx.processor, ctx.family, cfg.data, cfg.video, seed=cfg.train.seed)
     loader = build_loader(SFTDataset(samples, encoder, prompt_only=True), None,
                           PadCollator(ctx.pad_token_id, padding_side="left"), cfg.data.num_workers,
                           batch_size=cfg.eval.batch_size)

@@ -20,7 +20,7 @@ import torch
 from surgsigma_train import __version__
 from surgsigma_train.config.loading import dump_recipe
 from surgsigma_train.config.schema import DataSource, RecipeConfig
-from surgsigma_train.data.media import available_backends
+from surgsigma_train.data.video import available_backends, backend_version
 from surgsigma_train.data.readers import ReadReport, read_source
 from surgsigma_train.data.sample import Sample
 from surgsigma_train.errors import DataError
@@ -79,7 +79,8 @@ def _version(package: str) -> str | None:
 
 def vision_spec(cfg: RecipeConfig, processor: Any) -> dict[str, Any]:
     """What eval and export must reproduce exactly: how pixels and frames became tokens."""
-    spec: dict[str, Any] = {"family": cfg.model.family, "video": cfg.video.model_dump(), "decoders": available_backends()}
+    spec: dict[str, Any] = {"family": cfg.model.family, "video": cfg.video.model_dump(),
+                            "decoders": {name: backend_version(name) for name in available_backends()}}
     for name in ("image_processor", "video_processor"):
         sub = getattr(processor, name, None)
         if sub is not None:

@@ -94,7 +94,7 @@ class Trainer:
                     "Use train.resume=never for a fresh run.")
 
         t = cfg.train
-        self.encoder = SampleEncoder(self.ctx.processor, cfg.data, cfg.video, seed=t.seed)
+        self.encoder = SampleEncoder(self.ctx.processor, self.family, cfg.data, cfg.video, seed=t.seed)
         self.sampler = ResumableBatchSampler(len(self.ctx.train_samples), t.micro_batch_size, seed=t.seed)
         self.loader = build_loader(SFTDataset(self.ctx.train_samples, self.encoder), self.sampler,
                                    PadCollator(self.ctx.pad_token_id), cfg.data.num_workers)
@@ -116,6 +116,7 @@ class Trainer:
         """Micro-batches forever, epoch after epoch, starting where the state says."""
         while True:
             self.sampler.set_epoch(self.state.epoch, self.state.batch_in_epoch)
+            self.loader.dataset.set_epoch(self.state.epoch)
             for batch in self.loader:
                 self.state.batch_in_epoch += 1
                 yield batch

@@ -26,9 +26,10 @@ def media_root(tmp_path_factory):
 
 
 def encoder(family: str, **data_kw) -> SampleEncoder:
-    processor = get_family(family).build_processor("tiny", **SMALL)
+    fam = get_family(family)
+    processor = fam.build_processor("tiny", **SMALL)
     data = DataConfig(train=[{"path": "x"}], **data_kw)
-    return SampleEncoder(processor, data, VideoConfig(num_frames=4, **{k: v for k, v in SMALL.items()}))
+    return SampleEncoder(processor, fam, data, VideoConfig(sampling={"num_frames": 4}, **SMALL))
 
 
 def sample(root, **kw) -> Sample:
@@ -98,8 +99,18 @@ def test_system_prompt_is_not_supervised(media_root):
 
 def test_too_long_is_refused_not_truncated(media_root):
     enc = encoder("qwen2_5_vl", max_seq_len=40)
-    with pytest.raises(EncodeError, match="not truncated"):
+    with pytest.raises(EncodeError, match="never truncated|not truncated"):
         enc.encode(sample(media_root))
+
+
+def test_token_budget_lowers_video_frames_before_dropping(media_root):
+    full = encoder("qwen2_5_vl").encode(sample(media_root))
+    assert full.vision["video_grid_thw"][0, 0] == 2  # 4 frames / temporal patch 2
+    budget = full.input_ids.numel() - 1  # one token too many: the planner must take frames away
+    fitted = encoder("qwen2_5_vl", max_seq_len=budget).encode(sample(media_root))
+    assert fitted.vision["video_grid_thw"][0, 0] == 1 and fitted.input_ids.numel() <= budget
+    # the answer is still supervised in full
+    assert supervised_text(encoder("qwen2_5_vl"), fitted)[-1] == "The action is clipping.<|im_end|>"
 
 
 def test_missing_media_names_the_file(media_root):
