@@ -24,6 +24,8 @@ from pathlib import Path
 
 import numpy as np
 
+from surgsigma_train.data.demo import rgb_to_yuv420p_planes  # exact-integer conversion: deterministic mp4s
+
 GENERATOR_VERSION = "1"
 
 
@@ -41,22 +43,6 @@ class ClipSpec:
     @property
     def num_frames(self) -> int:
         return int(round(self.fps * self.duration_s))
-
-
-def rgb_to_yuv420p_planes(frame_HWC: np.ndarray) -> np.ndarray:
-    """RGB uint8 -> PyAV's yuv420p ndarray layout (H*3//2, W): BT.601 limited range, exact integers."""
-    rgb = frame_HWC.astype(np.int32)
-    r, g, b = rgb[..., 0], rgb[..., 1], rgb[..., 2]
-    y = ((66 * r + 129 * g + 25 * b + 128) >> 8) + 16
-    u = ((-38 * r - 74 * g + 112 * b + 128) >> 8) + 128
-    v = ((112 * r - 94 * g - 18 * b + 128) >> 8) + 128
-    height, width = y.shape
-
-    def subsample(plane: np.ndarray) -> np.ndarray:  # rounded 2x2 box average
-        return (plane.reshape(height // 2, 2, width // 2, 2).sum(axis=(1, 3)) + 2) >> 2
-
-    planes = np.concatenate([y.ravel(), subsample(u).ravel(), subsample(v).ravel()])
-    return np.clip(planes, 0, 255).astype(np.uint8).reshape(height * 3 // 2, width)
 
 
 def _smooth_noise(rng: np.random.Generator, height: int, width: int, scales: tuple[int, ...]) -> np.ndarray:

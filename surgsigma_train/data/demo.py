@@ -1126,7 +1126,7 @@ def _write_png(frame_HWC: np.ndarray, path: Path) -> None:
     Image.fromarray(frame_HWC).save(path, format="PNG", compress_level=1)
 
 
-def _rgb_to_yuv420p_planes(frame_HWC: np.ndarray) -> np.ndarray:
+def rgb_to_yuv420p_planes(frame_HWC: np.ndarray) -> np.ndarray:
     """RGB -> planar YUV 4:2:0 (BT.601, limited range: what decoders assume for untagged SD video),
     laid out as PyAV's ``yuv420p`` ndarray: shape (H * 3 // 2, W), Y rows then U then V.
 
@@ -1149,7 +1149,7 @@ def _rgb_to_yuv420p_planes(frame_HWC: np.ndarray) -> np.ndarray:
 
 def _write_mp4(frames_THWC: np.ndarray, path: Path) -> None:
     """H.264 (libx264, yuv420p, crf 18) at CLIP_FPS, byte-identical for identical frames: one encoder
-    thread, and the colour conversion done by us (see ``_rgb_to_yuv420p_planes``)."""
+    thread, and the colour conversion done by us (see ``rgb_to_yuv420p_planes``)."""
     import av  # optional dependency ("video" extra); imported here so the rest of the package works without it
 
     with av.open(str(path), mode="w", format="mp4") as container:
@@ -1158,7 +1158,7 @@ def _write_mp4(frames_THWC: np.ndarray, path: Path) -> None:
         stream.options = {"crf": "18", "preset": "veryfast", "threads": "1"}
         stream.codec_context.thread_count = 1
         for index, frame_HWC in enumerate(frames_THWC):
-            video_frame = av.VideoFrame.from_ndarray(_rgb_to_yuv420p_planes(frame_HWC), format="yuv420p")
+            video_frame = av.VideoFrame.from_ndarray(rgb_to_yuv420p_planes(frame_HWC), format="yuv420p")
             video_frame.pts = index
             for packet in stream.encode(video_frame):
                 container.mux(packet)
