@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import hashlib
 import re
+from collections import OrderedDict
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
@@ -21,7 +22,7 @@ import torch
 from surgsigma_train.config.schema import DataConfig, VideoConfig
 from surgsigma_train.data.media import load_image, resolve_media_path
 from surgsigma_train.data.sample import IMAGE_PLACEHOLDER, VIDEO_PLACEHOLDER, MediaRef, Sample
-from surgsigma_train.data.video import FrameCache, load_clip, probe, select_frames
+from surgsigma_train.data.video import FileIdentity, FrameCache, load_clip, probe, select_frames
 from surgsigma_train.data.video.planning import (BudgetDecision, PlanningError, VideoRequest, count_text_tokens,
                                                  fit_to_budget, plan_image, video_metadata_for_clip)
 from surgsigma_train.data.video.types import SamplingSpec, VideoClip, VideoMeta
@@ -84,6 +85,9 @@ class SampleEncoder:
         self.epoch = 0  # seeds segment_random frame jitter; set by the dataset each epoch
         self.cache = (FrameCache(video_cfg.cache_dir, max_bytes=int(video_cfg.cache_max_gb * 2**30))
                       if video_cfg.cache_dir else None)
+        # Many samples share one source video (SurgΣ-DB: every clip and frame of a procedure): probe each file
+        # once per worker, not once per sample. Keyed by file identity, so a changed file is probed again.
+        self._metas: OrderedDict[FileIdentity, VideoMeta] = OrderedDict()
 
     # ------------------------------------------------------------ targets
     def use_reasoning(self, sample: Sample) -> bool:
@@ -151,8 +155,19 @@ class SampleEncoder:
         sampling = sample.sampling if sample.sampling is not None else self.video_cfg.sampling.model_dump()
         return SamplingSpec(**sampling, start_s=ref.start_s, end_s=ref.end_s, observe_until_s=ref.observe_until_s)
 
+    _MAX_PROBED_FILES = 4096
+
     def _probe(self, path: Path) -> VideoMeta:
-        return probe(path, self.video_cfg.backend)
+        identity = FileIdentity.of(path)
+        meta = self._metas.get(identity)
+        if meta is None:
+            meta = probe(path, self.video_cfg.backend)
+            self._metas[identity] = meta
+            if len(self._metas) > self._MAX_PROBED_FILES:
+                self._metas.popitem(last=False)
+        else:
+            self._metas.move_to_end(identity)
+        return meta
 
     def plan_videos(self, sample: Sample, text: str, images: list[Any]) -> tuple[list[tuple[Path, SamplingSpec, VideoMeta]], BudgetDecision | None]:
         """Container metadata first: which frames and pixels each video gets so the sample fits the token budget.

@@ -125,3 +125,23 @@ def test_prompt_encoding_ends_with_generation_prompt(media_root):
     assert enc.tokenizer.decode(out.input_ids).endswith("And here? <|vision_end|><|im_end|>\n<|im_start|>assistant\n") \
         or enc.tokenizer.decode(out.input_ids).endswith("<|im_start|>assistant\n")
     assert out.reference == "The action is clipping." and (out.labels == IGNORE_INDEX).all()
+
+
+def test_each_video_file_is_probed_once_until_it_changes(media_root, monkeypatch, tmp_path):
+    import surgsigma_train.data.encode as encode_module
+
+    probed = []
+    real_probe = encode_module.probe
+    monkeypatch.setattr(encode_module, "probe", lambda path, backend: probed.append(str(path)) or real_probe(path, backend))
+    enc = encoder("qwen2_5_vl")
+    enc.encode(sample(media_root, id="a"))
+    enc.encode(sample(media_root, id="b"))  # same source video, another sample
+    assert len(probed) == 1
+    root = tmp_path / "changing"
+    root.mkdir()
+    (root / "a.png").write_bytes((media_root / "a.png").read_bytes())
+    write_counter_video(root / "v.mp4", num_frames=16)
+    enc.encode(sample(root))
+    write_counter_video(root / "v.mp4", num_frames=24)  # rewritten: a different file now
+    out = enc.encode(sample(root))
+    assert len(probed) == 3 and out.input_ids.numel() > 0
