@@ -192,6 +192,17 @@ class QwenVideoProcessor(BaseVideoProcessor):
         raise NotImplementedError
 
     # ---- public helpers --------------------------------------------------------------------------------------
+    def _resize_options(self, size: SizeDict | None, overrides: dict[str, Any]
+                        ) -> tuple[SizeDict, int, int, bool, int]:
+        """(size, spatial factor, temporal factor, cap_pixels_per_frame, max_video_tokens) for one call: call
+        overrides first, then this processor's settings. Shared by both families' resize rules."""
+        size = size if size is not None else self._to_size_dict(None, None, None)
+        factor = (overrides.get("patch_size") or self.patch_size) * (overrides.get("merge_size") or self.merge_size)
+        temporal_factor = overrides.get("temporal_patch_size") or self.temporal_patch_size
+        cap = overrides.get("cap_pixels_per_frame", self.cap_pixels_per_frame)
+        max_video_tokens = overrides.get("max_video_tokens") or self.max_video_tokens
+        return size, factor, temporal_factor, cap, max_video_tokens
+
     def planned_grid_thw(
         self, num_frames: int, height: int, width: int, *, min_pixels: int | None = None, max_pixels: int | None = None
     ) -> tuple[int, int, int]:
@@ -397,14 +408,10 @@ class Qwen2VLVideoProcessorTorch(QwenVideoProcessor):
     ) -> tuple[int, int]:
         from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import smart_resize
 
-        size = size if size is not None else self._to_size_dict(None, None, None)
-        factor = (overrides.get("patch_size") or self.patch_size) * (overrides.get("merge_size") or self.merge_size)
-        temporal_factor = overrides.get("temporal_patch_size") or self.temporal_patch_size
+        size, factor, temporal_factor, cap, max_video_tokens = self._resize_options(size, overrides)
         max_pixels = size.longest_edge
-        cap = overrides.get("cap_pixels_per_frame", self.cap_pixels_per_frame)
         if cap:
             # qwen-vl-utils: the per-frame cap is also bounded by an even share of a whole-video budget
-            max_video_tokens = overrides.get("max_video_tokens") or self.max_video_tokens
             total_pixels = int(max_video_tokens * factor * factor * 0.9)
             max_pixels = max(
                 min(max_pixels, total_pixels * temporal_factor // num_frames), int(size.shortest_edge * 1.05)
@@ -430,14 +437,10 @@ class Qwen3VLVideoProcessorTorch(QwenVideoProcessor):
     ) -> tuple[int, int]:
         from transformers.models.qwen3_vl.video_processing_qwen3_vl import smart_resize
 
-        size = size if size is not None else self._to_size_dict(None, None, None)
-        factor = (overrides.get("patch_size") or self.patch_size) * (overrides.get("merge_size") or self.merge_size)
-        temporal_factor = overrides.get("temporal_patch_size") or self.temporal_patch_size
+        size, factor, temporal_factor, cap, max_video_tokens = self._resize_options(size, overrides)
         max_pixels = size.longest_edge
-        cap = overrides.get("cap_pixels_per_frame", self.cap_pixels_per_frame)
         if cap:
             # qwen-vl-utils: per-frame pixels capped at max_video_tokens patches or an even share of the budget
-            max_video_tokens = overrides.get("max_video_tokens") or self.max_video_tokens
             frame_cap = max_video_tokens * factor * factor
             pixels_per_frame = max(min(frame_cap, size.longest_edge // num_frames), int(size.shortest_edge * 1.05))
             max_pixels = pixels_per_frame * num_frames
