@@ -322,3 +322,25 @@ def test_meta_when_fps_is_missing_or_wrong(header_fps, header_duration, times, f
     meta = decoders._build_meta("x.mp4", "pyav", times, header, tick_s=1e-3)
     assert meta.fps == pytest.approx(fps) and meta.num_frames == len(times)
     assert (note is None and meta.notes == ()) or any(n.startswith(note) for n in meta.notes)
+
+
+def test_packet_index_is_read_once_per_file_per_process(videos, tmp_path: Path, monkeypatch):
+    """Many clips of one procedure video: the second reader neither re-reads the header nor re-demuxes the file;
+    a rewritten file (new size/mtime) is scanned again."""
+    decoders._SCANS.clear()
+    scans: list[str] = []
+    real_scan = decoders.scan_packets
+    monkeypatch.setattr(decoders, "scan_packets", lambda c, s, p: scans.append(p) or real_scan(c, s, p))
+    path = tmp_path / "copy.mp4"
+    path.write_bytes(Path(videos["cfr"]).read_bytes())
+    with open_video(path, "pyav") as first:
+        frames_a, _ = first.get_frames([3, 40])
+    with open_video(path, "pyav") as second:
+        frames_b, _ = second.get_frames([3, 40])
+    assert len(scans) == 1 and np.array_equal(frames_a, frames_b)
+    assert second.meta == first.meta
+    path.write_bytes(Path(videos["cfr_faststart"]).read_bytes())  # another file under the same name
+    with open_video(path, "pyav") as third:
+        third.get_frames([3])
+    assert len(scans) == 2
+    decoders._SCANS.clear()
