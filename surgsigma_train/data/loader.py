@@ -134,7 +134,9 @@ class PadCollator:
             "mm_token_type_ids": self._pad([x.mm_token_type_ids for x in kept], 0, length),
         }
         for key in sorted({k for x in kept for k in x.vision}):
-            inputs[key] = torch.cat([x.vision[key].reshape(-1, *x.vision[key].shape[1:]) for x in kept if key in x.vision])
+            parts = [x.vision[key] for x in kept if key in x.vision]
+            # one part (micro-batch 1, the usual video case): no copy of tens of MB of patches
+            inputs[key] = parts[0] if len(parts) == 1 else torch.cat(parts)
         batch.inputs = inputs
         return batch
 

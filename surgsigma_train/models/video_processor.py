@@ -192,6 +192,22 @@ class QwenVideoProcessor(BaseVideoProcessor):
         raise NotImplementedError
 
     # ---- public helpers --------------------------------------------------------------------------------------
+    def resize_frames_THWC(self, frames_THWC: np.ndarray, size_hw: tuple[int, int]) -> np.ndarray:
+        """The resize ``preprocess`` applies (this processor's interpolation, antialiased), on uint8 THWC frames.
+
+        Per frame, so frames resized here and then given to ``preprocess`` at their final size (which it leaves
+        alone) give bit-identical patches: the frame cache stores frames resized this way.
+        """
+        frames_TCHW = torch.from_numpy(np.ascontiguousarray(frames_THWC)).permute(0, 3, 1, 2)
+        resized_TCHW = resize_like_torchvision(frames_TCHW, size_hw, mode=interpolation_mode(self.resample),
+                                               antialias=True)
+        return np.ascontiguousarray(resized_TCHW.permute(0, 2, 3, 1).numpy())
+
+    def keeps_size(self, num_frames: int, height: int, width: int, *, min_pixels: int, max_pixels: int) -> bool:
+        """Whether ``preprocess`` leaves frames of this size as they are (its resize rule maps the size to itself)."""
+        size = SizeDict(shortest_edge=min_pixels, longest_edge=max_pixels)
+        return tuple(self.resized_size(num_frames, height, width, size=size)) == (height, width)
+
     def _resize_options(self, size: SizeDict | None, overrides: dict[str, Any]
                         ) -> tuple[SizeDict, int, int, bool, int]:
         """(size, spatial factor, temporal factor, cap_pixels_per_frame, max_video_tokens) for one call: call

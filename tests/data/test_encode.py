@@ -145,3 +145,39 @@ def test_each_video_file_is_probed_once_until_it_changes(media_root, monkeypatch
     write_counter_video(root / "v.mp4", num_frames=24)  # rewritten: a different file now
     out = enc.encode(sample(root))
     assert len(probed) == 3 and out.input_ids.numel() > 0
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_frame_cache_stores_resized_frames_and_patches_stay_identical(family, media_root, tmp_path):
+    fam = get_family(family)
+    processor = fam.build_processor("tiny", **SMALL)
+    data = DataConfig(train=[{"path": "x"}])
+    plain = SampleEncoder(processor, fam, data, VideoConfig(sampling={"num_frames": 4}, **SMALL))
+    cached = SampleEncoder(processor, fam, data, VideoConfig(sampling={"num_frames": 4}, cache_dir=str(tmp_path), **SMALL))
+    import av  # a textured video (a flat one would resize to itself whatever the kernel)
+
+    root = tmp_path / "media"
+    root.mkdir()
+    (root / "a.png").write_bytes((media_root / "a.png").read_bytes())
+    rng = np.random.default_rng(1)
+    with av.open(str(root / "v.mp4"), "w") as container:
+        stream = container.add_stream("libx264", rate=8)
+        stream.width, stream.height, stream.pix_fmt = 96, 72, "yuv420p"
+        for _ in range(12):
+            frame = rng.integers(0, 256, (72, 96, 3), dtype=np.uint8)
+            for packet in stream.encode(av.VideoFrame.from_ndarray(frame, format="rgb24")):
+                container.mux(packet)
+        for packet in stream.encode():
+            container.mux(packet)
+    s = sample(root)
+    reference = plain.encode(s)
+    text, _ = cached.render_with_spans(cached.conversation(s))
+    for expected_state in ("miss", "hit"):
+        _, clips, decision = cached.load_media(s, text)
+        plan = decision.plans[0]
+        assert clips[0].extra["cache"] == expected_state
+        assert clips[0].frames_THWC.shape[1:3] == (plan.resized_height, plan.resized_width) != (72, 96)
+        out = cached.encode(s)
+        for key, value in reference.vision.items():
+            assert torch.equal(out.vision[key], value), (family, expected_state, key)
+        assert torch.equal(out.input_ids, reference.input_ids)
