@@ -144,11 +144,13 @@ def phase_answer(phase: str) -> str:
     return f"The reflected phase is {phase}."
 
 
-def instrument_recognition_answer(instruments: Sequence[str]) -> str:
+def instrument_recognition_answer(instruments: Sequence[str], order: Sequence[str] = INSTRUMENTS) -> str:
+    """Names sorted by ``order`` (another dataset passes its own taxonomy); first letter upper-cased,
+    the rest kept, so ``grasper`` -> ``Grasper`` and Cholec80's ``SpecimenBag`` stays ``SpecimenBag``."""
     if not instruments:
         return NO_TOOLS_ANSWER
-    ordered = sorted(instruments, key=INSTRUMENTS.index)
-    return "They belong to the categories " + ", ".join(name.capitalize() for name in ordered) + "."
+    ordered = sorted(instruments, key=order.index)
+    return "They belong to the categories " + ", ".join(name[:1].upper() + name[1:] for name in ordered) + "."
 
 
 def localization_answer(boxes_1000: dict[str, tuple[int, int, int, int]]) -> str:
@@ -162,8 +164,8 @@ def localization_answer(boxes_1000: dict[str, tuple[int, int, int, int]]) -> str
     return "; ".join(parts)
 
 
-def triplet_answer(triplets: Sequence[tuple[str, str, str]]) -> str:
-    ordered = sorted(triplets, key=lambda triplet: INSTRUMENTS.index(triplet[0]))
+def triplet_answer(triplets: Sequence[tuple[str, str, str]], order: Sequence[str] = INSTRUMENTS) -> str:
+    ordered = sorted(triplets, key=lambda triplet: order.index(triplet[0]))
     return "The action triplets are " + ", ".join(f"<{i}, {v}, {t}>" for i, v, t in ordered) + "."
 
 

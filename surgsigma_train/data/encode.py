@@ -18,13 +18,18 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from PIL import Image
 
 from surgsigma_train.config.schema import DataConfig, VideoConfig
-from surgsigma_train.data.media import load_image, resolve_media_path
+from surgsigma_train.data.boxes import BoxError, render_answer
+from surgsigma_train.data.media import MediaError, load_image, resolve_media_path
 from surgsigma_train.data.sample import IMAGE_PLACEHOLDER, VIDEO_PLACEHOLDER, MediaRef, Sample
+from surgsigma_train.data.tasks import get_task
 from surgsigma_train.data.video import FileIdentity, FrameCache, load_clip, probe, select_frames
-from surgsigma_train.data.video.planning import (BudgetDecision, PlanningError, VideoRequest, count_text_tokens,
-                                                 fit_to_budget, plan_image, video_metadata_for_clip)
+from surgsigma_train.data.video.cache import Resize
+from surgsigma_train.data.video.planning import (BudgetDecision, PlanningError, VideoPlan, VideoRequest,
+                                                 count_text_tokens, fit_to_budget, plan_image,
+                                                 video_metadata_for_clip)
 from surgsigma_train.data.video.types import SamplingSpec, VideoClip, VideoMeta
 from surgsigma_train.models.family import ModelFamily
 
@@ -99,8 +104,38 @@ class SampleEncoder:
         # mix: a stable per-sample choice, so the realised mixture is reproducible and resumable
         return _stable_fraction(self.seed, sample.id) < self.data_cfg.reasoning_ratio
 
+    def answer_target(self, sample: Sample, text: str) -> str:
+        """An assistant answer as the model learns it (and eval compares against): the boxes of localization
+        tasks rewritten in the family's own convention (data.box_format=family); anything else verbatim."""
+        task = get_task(sample.task)
+        if self.data_cfg.box_format == "keep" or task is None or not task.answer_kind.startswith("boxes"):
+            return text
+        try:
+            resized_hw = self.resized_image_hw(sample) if self.family.name == "qwen2_5_vl" else None
+            return render_answer(text, self.family.name, resized_hw)
+        except (BoxError, PlanningError, ValueError) as exc:
+            raise EncodeError(f"cannot render the boxes for {self.family.name}: {exc}") from exc
+
+    def resized_image_hw(self, sample: Sample) -> tuple[int, int]:
+        """(height, width) the processor resizes the sample's single image to (Qwen2.5-VL boxes are its pixels)."""
+        if [r.kind for r in sample.media] != ["image"]:
+            raise EncodeError("pixel boxes need exactly one image in the sample, got "
+                              f"{[r.kind for r in sample.media]}")
+        path = resolve_media_path(Path(sample.media_root), sample.media[0].path)
+        try:
+            with Image.open(path) as img:  # header only: the size, without decoding the pixels
+                width, height = img.size
+        except FileNotFoundError as exc:
+            raise MediaError(path, "file not found") from exc
+        except (OSError, ValueError, Image.DecompressionBombError) as exc:
+            raise MediaError(path, f"cannot read image header ({exc})") from exc
+        v = self.video_cfg
+        plan = plan_image(height, width, self.family, self.processor, min_pixels=v.image_min_pixels,
+                          max_pixels=v.image_max_pixels)
+        return plan.resized_height, plan.resized_width
+
     def final_answer(self, sample: Sample) -> str:
-        answer = sample.messages[-1].content
+        answer = self.answer_target(sample, sample.messages[-1].content)
         if self.use_reasoning(sample):
             return f"<think> {sample.thinking.strip()} </think><answer> {answer.strip()} </answer>"
         return answer
@@ -114,7 +149,8 @@ class SampleEncoder:
         for i, msg in enumerate(sample.messages):
             if i == last and not with_final_answer:
                 break
-            text = self.final_answer(sample) if i == last else msg.content
+            text = (self.final_answer(sample) if i == last
+                    else self.answer_target(sample, msg.content) if msg.role == "assistant" else msg.content)
             parts = []
             for piece in _PLACEHOLDER_RE.split(text):
                 if piece == IMAGE_PLACEHOLDER:
@@ -211,10 +247,24 @@ class SampleEncoder:
         clips = [
             load_clip(path, spec, backend=self.video_cfg.backend, sample_key=sample.id, epoch=self.epoch,
                       cache=self.cache, isolate=self.video_cfg.isolate, timeout_s=self.video_cfg.decode_timeout_s,
-                      frame_indices=plan.frame_indices, meta=meta)
+                      frame_indices=plan.frame_indices, meta=meta, resize=self._cache_resize(plan))
             for (path, spec, meta), plan in zip(videos, decision.plans if decision else ())
         ]
         return images, clips, decision
+
+    def _cache_resize(self, plan: VideoPlan) -> Resize | None:
+        """With a frame cache: frames are resized to the planned size before they are cached (6x less disk at 720p,
+        and a cache hit skips the resize too). The processor then leaves them as they are, so the patches are
+        bit-identical to the uncached path; only where its resize rule maps the planned size to itself."""
+        video_processor = getattr(self.processor, "video_processor", None)
+        if self.cache is None or not hasattr(video_processor, "resize_frames_THWC"):
+            return None
+        size_hw = (plan.resized_height, plan.resized_width)
+        if not video_processor.keeps_size(plan.num_frames, *size_hw, min_pixels=plan.min_pixels,
+                                          max_pixels=plan.max_pixels):
+            return None
+        name = f"{type(video_processor).__name__}.resize_frames_THWC:{video_processor.resample}:v1"
+        return Resize(size_hw, video_processor.resize_frames_THWC, name)
 
     def _process(self, text: str, images: list[Any], clips: list[VideoClip], decision: BudgetDecision | None,
                  sample: Sample) -> dict[str, Any]:
@@ -304,7 +354,7 @@ class SampleEncoder:
             id=sample.id, task=sample.task, source_video=sample.source_video, input_ids=input_ids,
             labels=torch.full_like(input_ids, IGNORE_INDEX), mm_token_type_ids=out["mm_token_type_ids"][0],
             vision=_vision_tensors(out), backends=tuple(c.backend for c in clips),
-            reference=sample.messages[-1].content,
+            reference=self.answer_target(sample, sample.messages[-1].content),  # rendered like training targets
         )
 
 

@@ -9,7 +9,7 @@ sample) so the trainer can count them; collation keeps every sample's id, task a
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Any, Iterator, Sequence
+from typing import Any, Callable, Iterator, Sequence
 
 import torch
 from torch.utils.data import Dataset, Sampler
@@ -47,11 +47,15 @@ class ResumableBatchSampler(Sampler[list[int]]):
     """Micro-batches of a seeded per-epoch permutation, sharded across ranks, resumable mid-epoch."""
 
     def __init__(self, num_samples: int, batch_size: int, seed: int, shuffle: bool = True,
-                 rank: int = 0, world_size: int = 1, drop_last: bool = True):
+                 rank: int = 0, world_size: int = 1, drop_last: bool = True,
+                 epoch_order: Callable[[int], Sequence[int]] | None = None):
+        """`epoch_order(epoch)`, when given (a data mixture), is the epoch's index list instead of a permutation
+        of range(num_samples); it must be a pure function of the epoch and hold num_samples indices."""
         if num_samples < batch_size * world_size and drop_last:
             raise ValueError(f"{num_samples} samples cannot fill one batch of {batch_size} x {world_size} ranks")
         self.num_samples, self.batch_size, self.seed = num_samples, batch_size, seed
         self.shuffle, self.rank, self.world_size, self.drop_last = shuffle, rank, world_size, drop_last
+        self.epoch_order = epoch_order
         self.epoch = 0
         self.start_batch = 0
 
@@ -64,7 +68,12 @@ class ResumableBatchSampler(Sampler[list[int]]):
         full = self.num_samples // global_batch
         return full if self.drop_last or self.num_samples % global_batch == 0 else full + 1
 
-    def _order(self) -> list[int]:
+    def _order(self) -> Sequence[int]:
+        if self.epoch_order is not None:
+            order = self.epoch_order(self.epoch)
+            if len(order) != self.num_samples:
+                raise ValueError(f"epoch {self.epoch} has {len(order)} indices, expected {self.num_samples}")
+            return order
         if not self.shuffle:
             return list(range(self.num_samples))
         gen = torch.Generator().manual_seed(self.seed * 1_000_003 + self.epoch)
@@ -76,8 +85,8 @@ class ResumableBatchSampler(Sampler[list[int]]):
         for b in range(self.start_batch, len(self)):
             chunk = order[b * global_batch:(b + 1) * global_batch]
             mine = chunk[self.rank * self.batch_size:(self.rank + 1) * self.batch_size]
-            if mine:
-                yield mine
+            if len(mine):
+                yield [int(i) for i in mine]
 
 
 @dataclass

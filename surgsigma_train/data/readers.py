@@ -2,12 +2,15 @@
 
 Every record either becomes a sample, is excluded for a stated and counted reason (e.g. generation
 tasks), or is reported as bad with its file, record and reason. Nothing is dropped silently.
-(The full SurgΣ-DB release loader with quirk repair is a later layer on top of this one.)
+SurgΣ-DB release quirks handled here: tables found by content, unpadded `VIDn` paths repaired where only the
+padded file exists, missing media (e.g. Cholec80 videos not in the public set) reported per record, corrupted
+box answers quarantined (data/boxes.py); every repair and every field that could not be mapped is counted.
 """
 
 from __future__ import annotations
 
 import json
+import os
 import re
 from collections import Counter
 from dataclasses import dataclass, field, replace
@@ -15,6 +18,8 @@ from pathlib import Path
 from typing import Any, Iterator
 
 from surgsigma_train.config.schema import DataSource
+from surgsigma_train.data.boxes import box_problem
+from surgsigma_train.data.media import MediaError, resolve_media_path
 from surgsigma_train.data.sample import IMAGE_PLACEHOLDER, VIDEO_PLACEHOLDER, MediaRef, Message, Sample
 from surgsigma_train.data.tasks import get_task
 from surgsigma_train.errors import DataError
@@ -36,11 +41,14 @@ class ReadReport:
     excluded: Counter = field(default_factory=Counter)  # reason -> count
     bad: list[BadRecord] = field(default_factory=list)
     unmapped_fields: Counter = field(default_factory=Counter)  # field name -> records carrying it
+    repaired: Counter = field(default_factory=Counter)  # repair -> media references repaired
+    missing_media: Counter = field(default_factory=Counter)  # media path -> records (all of them are in `bad`)
 
     def summary(self) -> dict[str, Any]:
         return {
             "file": self.file, "format": self.format, "records": self.records, "samples": self.samples,
             "excluded": dict(self.excluded), "bad": len(self.bad), "unmapped_fields": dict(self.unmapped_fields),
+            "repaired": dict(self.repaired), "missing_media": dict(self.missing_media),
         }
 
 
@@ -67,7 +75,7 @@ def _video_key(path: str) -> str:
     """
     parts = Path(path).parts
     for i, part in enumerate(parts):
-        match = re.fullmatch(r"(?i)vid[_-]?(\d+)(\.\w+)?", part)
+        match = re.fullmatch(r"(?i)vid(?:eo)?[_-]?(\d+)(\.\w+)?", part)
         if match:
             return f"{parts[0]}/VID{int(match.group(1)):02d}" if i > 0 else f"VID{int(match.group(1)):02d}"
     p = Path(path)
@@ -87,6 +95,8 @@ def _finish(sample_id: str, messages: list[Message], media: list[MediaRef], **kw
             raise RecordError("media placeholder in an assistant turn (media can only be inputs)")
         if m.role == "assistant" and not m.content.strip():
             raise RecordError("empty assistant turn")
+        if m.role == "assistant" and (problem := box_problem(m.content)):
+            raise RecordError(f"quarantined: {problem}")  # corrupted box tokens are never trained on
     for ref in media:
         bounds = {"start": ref.start_s, "end": ref.end_s, "observe_until": ref.observe_until_s}
         for name, value in bounds.items():
@@ -227,7 +237,12 @@ def _read_openai(record: dict, sample_id: str, **_: Any) -> Sample:
 # ---------------------------------------------------------------- SurgΣ-DB style
 QUESTION_KEYS = ("question", "query", "prompt", "instruction", "input")
 THINKING_KEYS = ("thinking", "reasoning", "think", "rationale")
-KNOWN_ANNO_KEYS = {"id", "images", "task type", "answer", *QUESTION_KEYS, *THINKING_KEYS}
+KNOWN_ANNO_KEYS = {"id", "images", "task type", "answer", "image path", "video path", *QUESTION_KEYS, *THINKING_KEYS}
+# Table-entry fields the loader maps: into the sample (path, source, specialty, clip bounds) or its `extra`.
+KNOWN_TABLE_KEYS = {"id", "video path", "image path", "source dataset", "clinical specialty", "surgical type",
+                    "source url", "start", "end"}
+_IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".bmp", ".webp"}
+_VIDEO_SUFFIXES = {".mp4", ".avi", ".mkv", ".mov", ".webm", ".mpg", ".mpeg"}
 
 
 @dataclass
@@ -247,10 +262,15 @@ def _surgsigma_tables(doc: dict, report: ReadReport) -> tuple[SurgSigmaTables, l
             report.unmapped_fields[f"top-level {key!r}"] += 1
         elif "task type" in first or "answer" in first:
             annos.extend(entries)
-        elif "video path" in first:
-            videos.update({str(e["id"]): e for e in entries if isinstance(e, dict) and "id" in e})
-        elif "image path" in first:
-            images.update({str(e["id"]): e for e in entries if isinstance(e, dict) and "id" in e})
+        elif "video path" in first or "image path" in first:
+            table = videos if "video path" in first else images
+            for entry in entries:
+                if not isinstance(entry, dict) or "id" not in entry:
+                    report.unmapped_fields[f"{key!r} entry without an id"] += 1
+                    continue
+                table[str(entry["id"])] = entry
+                for name in entry.keys() - KNOWN_TABLE_KEYS:
+                    report.unmapped_fields[f"{key!r} entry field {name!r}"] += 1
         else:
             report.unmapped_fields[f"top-level {key!r}"] += 1
     by_dataset: dict[str, set[str]] = {}
@@ -283,20 +303,27 @@ def _read_surgsigma(record: dict, sample_id: str, *, tables: SurgSigmaTables, ta
     answer = record.get("answer")
     if not isinstance(answer, str) or not answer.strip():
         raise RecordError("missing or empty 'answer'")
+    if problem := box_problem(answer, expect_boxes=task is not None and task.answer_kind.startswith("boxes")):
+        raise RecordError(f"quarantined: {problem}")
     question = next((record[k] for k in QUESTION_KEYS if isinstance(record.get(k), str)), None)
     if question is None:
         raise RecordError(f"no question field (looked for {', '.join(QUESTION_KEYS)})")
     thinking = next((record[k] for k in THINKING_KEYS if isinstance(record.get(k), str)), None)
 
     media, meta = [], {}
-    for media_id in _as_list(record.get("images")):
+    # Standalone annotation records (JSONL, datasets rows) may name their media by path instead of by table id.
+    refs = _as_list(record.get("images")) + _as_list(record.get("image path")) + _as_list(record.get("video path"))
+    for media_id in refs:
         media_id = str(media_id)
+        suffix = Path(media_id).suffix.lower()
         if media_id in tables.images:
             media.append(MediaRef("image", str(tables.images[media_id]["image path"])))
         elif media_id in tables.videos:
             entry = tables.videos[media_id]
             media.append(MediaRef("video", str(entry["video path"]), entry.get("start"), entry.get("end")))
             meta = meta or entry
+        elif suffix in _IMAGE_SUFFIXES or suffix in _VIDEO_SUFFIXES:
+            media.append(MediaRef("image" if suffix in _IMAGE_SUFFIXES else "video", media_id))
         else:
             raise RecordError(f"references unknown media id {media_id!r}")
     if not media:
@@ -307,6 +334,7 @@ def _read_surgsigma(record: dict, sample_id: str, *, tables: SurgSigmaTables, ta
         sample_id, messages, media, task=task_name, source=str(source),
         specialty=meta.get("clinical specialty") or tables.specialty_of_dataset.get(str(source)),
         thinking=thinking,
+        extra={k.replace(" ", "_"): meta[k] for k in ("surgical type", "source url") if meta.get(k) is not None},
     )
 
 
@@ -350,20 +378,87 @@ def default_media_root(path: Path) -> Path:
     return folder / "raw_data" if (folder / "raw_data").is_dir() else folder
 
 
+# ---------------------------------------------------------------- media on disk: path repair, missing files
+# An unpadded one-digit `VIDn` path component (`VID2/...`); the release mixes it with the padded `VID02/...`.
+_UNPADDED_VID_RE = re.compile(r"(?i)(?<![^/])(vid)(\d)(?=/|\.|$)")
+REPAIR_VID_PADDING = "VIDn -> VID0n path (only the zero-padded file exists on disk)"
+
+
+class MediaCheck:
+    """Which media paths exist under the root, from one listing per folder.
+
+    A release references about a million 1-fps frames in a few hundred folders: listing each folder once is
+    far cheaper than one stat per file, which matters on network file systems.
+    """
+
+    def __init__(self, root: Path):
+        self.root = root
+        self._listings: dict[str, frozenset[str] | str] = {}  # folder -> file names, or why it is refused
+
+    def exists(self, relative: str) -> bool:
+        folder, _, name = relative.rpartition("/")
+        listing = self._listings.get(folder)
+        if listing is None:
+            try:
+                listing = frozenset(e.name for e in os.scandir(resolve_media_path(self.root, folder or "."))
+                                    if e.is_file())
+            except MediaError as exc:  # absolute, or leads out of the data root
+                listing = exc.reason
+            except OSError:  # no such folder
+                listing = frozenset()
+            self._listings[folder] = listing
+        if isinstance(listing, str):
+            raise RecordError(f"media {relative}: {listing}")
+        return name in listing
+
+    def check(self, sample: Sample, report: ReadReport) -> Sample:
+        """Repair `VIDn` paths that only exist padded; a record with missing media is bad (RecordError)."""
+        media, repairs, missing = [], 0, []
+        for ref in sample.media:
+            if not self.exists(ref.path):
+                padded = _UNPADDED_VID_RE.sub(r"\g<1>0\2", ref.path)
+                if padded != ref.path and self.exists(padded):
+                    ref, repairs = replace(ref, path=padded), repairs + 1
+                else:
+                    missing.append(ref.path)
+            media.append(ref)
+        if missing:
+            report.missing_media.update(missing)
+            raise RecordError(f"media not found under {self.root}: {', '.join(missing)}")
+        if repairs:
+            report.repaired[REPAIR_VID_PADDING] += repairs
+        return replace(sample, media=tuple(media))
+
+
+# ---------------------------------------------------------------- reading
 def read_file(path: Path, fmt: str, task_ids: dict[int, str], media_root: Path,
-              max_samples: int | None = None) -> tuple[list[Sample], ReadReport]:
+              max_samples: int | None = None, check_media: bool = False) -> tuple[list[Sample], ReadReport]:
+    """One JSON (list or release document) or JSONL file. See `read_records` for `check_media`."""
     report = ReadReport(str(path))
     try:
         records = list(_iter_json_records(path, report))
     except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
         report.bad.append(BadRecord(str(path), "#file", f"cannot read as JSON/JSONL ({exc})"))
         return [], report
+    return read_records(records, report, fmt, task_ids, media_root, max_samples, check_media)
+
+
+def read_records(records: list[tuple[str, Any]], report: ReadReport, fmt: str, task_ids: dict[int, str],
+                 media_root: Path, max_samples: int | None = None,
+                 check_media: bool = False) -> tuple[list[Sample], ReadReport]:
+    """(position, record) pairs -> samples, everything else counted in `report`.
+
+    With `check_media`, media are looked up under `media_root` at read time: `VIDn` paths are repaired where
+    only the padded file exists, and a record whose media is missing is bad (counted in `missing_media`), so
+    that training never plans or batches a sample it cannot load.
+    """
+    where = report.file
     if fmt == "auto":
         fmt = detect_format(records[0][1]) if records else "unknown"
     report.format = fmt
     if fmt == "unknown":
         if records:
-            report.bad.append(BadRecord(str(path), "#file", "cannot tell the format (no 'conversations', "
+            report.bad.append(BadRecord(where, "#file", "cannot tell the format (no 'conversations', "
                                         "'messages' or SurgΣ-DB 'task type'/'image path' fields)"))
         return [], report
 
@@ -373,27 +468,30 @@ def read_file(path: Path, fmt: str, task_ids: dict[int, str], media_root: Path,
         if len(docs) == 1 and "task type" not in docs[0]:  # one release document with tables
             tables, annos = _surgsigma_tables(docs[0], report)
             records = [(f"annos#{i}", a) for i, a in enumerate(annos)]
-        else:  # JSONL of annotation records with inline media tables absent
+        else:  # standalone annotation records: media named by path
             tables = SurgSigmaTables({}, {}, {})
         context = {"tables": tables, "task_ids": task_ids, "report": report}
     reader = {"llava": _read_llava, "openai": _read_openai, "surgsigma": _read_surgsigma}[fmt]
+    media_check = MediaCheck(media_root) if check_media else None
 
     samples: list[Sample] = []
     seen: set[str] = set()
     for position, record in records:
         report.records += 1
         if not isinstance(record, dict):
-            report.bad.append(BadRecord(str(path), position, f"record is a {type(record).__name__}, not an object"))
+            report.bad.append(BadRecord(where, position, f"record is a {type(record).__name__}, not an object"))
             continue
-        sample_id = str(record.get("id", f"{path.name}:{position}"))
+        sample_id = str(record.get("id", f"{Path(where).name}:{position}"))
         if sample_id in seen:
-            report.bad.append(BadRecord(str(path), sample_id, "duplicate id"))
+            report.bad.append(BadRecord(where, sample_id, "duplicate id"))
             continue
         seen.add(sample_id)
         try:
             sample = reader(record, sample_id, **context)
+            if sample is not None and media_check is not None:
+                sample = media_check.check(sample, report)
         except RecordError as exc:
-            report.bad.append(BadRecord(str(path), sample_id, str(exc)))
+            report.bad.append(BadRecord(where, sample_id, str(exc)))
             continue
         if sample is None:
             continue
@@ -404,18 +502,82 @@ def read_file(path: Path, fmt: str, task_ids: dict[int, str], media_root: Path,
     return samples, report
 
 
-def read_source(source: DataSource, task_ids: dict[int, str]) -> tuple[list[Sample], list[ReadReport]]:
+# ---------------------------------------------------------------- Hugging Face datasets
+def is_hf_dataset_dir(path: Path) -> bool:
+    """A `save_to_disk` folder, or a folder of data files (parquet/arrow/csv, no JSON) for `load_dataset`."""
+    if not path.is_dir():
+        return False
+    if (path / "state.json").is_file() or (path / "dataset_dict.json").is_file():
+        return True
+    files = [p for p in path.rglob("*") if p.is_file()]
+    return not any(p.suffix in (".json", ".jsonl") for p in files) and any(
+        p.suffix in (".parquet", ".arrow", ".csv") for p in files)
+
+
+def _drop_none(value: Any) -> Any:
+    """Arrow gives every row every column (None where a record had no such field): put absence back."""
+    if isinstance(value, dict):
+        return {k: _drop_none(v) for k, v in value.items() if v is not None}
+    if isinstance(value, list):
+        return [_drop_none(v) for v in value]
+    return value
+
+
+def _hf_records(source: DataSource) -> tuple[str, list[tuple[str, Any]]]:
+    """Rows of a datasets-library dataset: a local `save_to_disk` folder, a local data folder or a hub id."""
+    import datasets  # only sources of this kind need the library
+
     path = Path(source.path)
-    if not path.exists():
+    try:
+        if path.is_dir() and ((path / "state.json").is_file() or (path / "dataset_dict.json").is_file()):
+            ds = datasets.load_from_disk(str(path))
+        else:
+            ds = datasets.load_dataset(source.path, split=source.hf_split)
+    except (OSError, ValueError) as exc:  # not found, no network, unreadable files, unknown split
+        raise DataError(f"data source {source.path}: the datasets library cannot load it "
+                        f"({type(exc).__name__}: {exc})") from exc
+    if isinstance(ds, datasets.DatasetDict):
+        split = source.hf_split or (next(iter(ds)) if len(ds) == 1 else None)
+        if split not in ds:
+            raise DataError(f"data source {source.path}: " + (f"no split {split!r}" if split else "several splits")
+                            + f"; set `hf_split` to one of {sorted(ds)}")
+        ds = ds[split]
+    name = f"{source.path}[{source.hf_split}]" if source.hf_split else source.path
+    return name, [(f"row {i}", _drop_none(row)) for i, row in enumerate(ds)]
+
+
+def read_source(source: DataSource, task_ids: dict[int, str]) -> tuple[list[Sample], list[ReadReport]]:
+    """A file, a folder of JSON/JSONL files, or a datasets-library dataset (`format: hf`, or detected)."""
+    path = Path(source.path)
+    if (path / "index_manifest.json").is_file():  # an Arrow index (`surgsigma-train data index`): memory-mapped
+        from surgsigma_train.data.index import open_index_source
+
+        return open_index_source(path, task_ids, source)  # type: ignore[return-value]
+    use_hf = source.format == "hf" or (source.format == "auto" and is_hf_dataset_dir(path))
+    if not use_hf and not path.exists():
         raise DataError(f"data source {path} does not exist")
-    media_root = Path(source.media_root) if source.media_root else default_media_root(path)
-    files = sorted(p for p in path.glob("*") if p.suffix in (".json", ".jsonl")) if path.is_dir() else [path]
+    if source.media_root:
+        media_root = Path(source.media_root)
+    elif path.exists():
+        media_root = default_media_root(path)
+    else:
+        raise DataError(f"data source {source.path}: a hub dataset needs `media_root` (the folder its media "
+                        "paths are relative to; SurgΣ-DB releases do not ship the raw media)")
+    fmt = "auto" if source.format == "hf" else source.format
+    if use_hf:
+        name, records = _hf_records(source)
+        results = [read_records(records, ReadReport(name), fmt, task_ids, media_root, source.max_samples,
+                                source.check_media)]
+    else:
+        files = sorted(p for p in path.glob("*") if p.suffix in (".json", ".jsonl")) if path.is_dir() else [path]
+        results = []
+        for file in files:
+            remaining = None if source.max_samples is None else source.max_samples - sum(len(g) for g, _ in results)
+            if remaining is not None and remaining <= 0:
+                break
+            results.append(read_file(file, fmt, task_ids, media_root, remaining, source.check_media))
     samples, reports = [], []
-    for file in files:
-        remaining = None if source.max_samples is None else source.max_samples - len(samples)
-        if remaining is not None and remaining <= 0:
-            break
-        got, report = read_file(file, source.format, task_ids, media_root, remaining)
+    for got, report in results:
         if source.video is not None:
             got = [replace(s, sampling=source.video.model_dump()) for s in got]
         samples.extend(got)

@@ -60,7 +60,7 @@ def _stop_token_ids(tokenizer: Any) -> list[int]:
 def evaluate(cfg: RecipeConfig, checkpoint: Path | None = None) -> dict[str, Any]:
     ctx = prepare_run(cfg, need_train=False, write_record=False)
     if not ctx.eval_samples:
-        raise ValueError("no evaluation samples: set data.eval in the recipe")
+        raise ValueError("no evaluation samples: set data.eval or data.split in the recipe")
     if checkpoint is None and cfg.eval.checkpoint:
         checkpoint = Path(cfg.eval.checkpoint)
     if checkpoint is None:
@@ -93,7 +93,9 @@ def evaluate(cfg: RecipeConfig, checkpoint: Path | None = None) -> dict[str, Any
                                        eos_token_id=stop_ids, pad_token_id=ctx.pad_token_id)
             new_tokens = generated[:, inputs["input_ids"].shape[1]:]
             for sid, task, ref, row in zip(batch.ids, batch.tasks, batch.references, new_tokens):
-                text = tokenizer.decode(row, skip_special_tokens=True)
+                # Only stop and pad tokens are dropped: skip_special_tokens would also delete Qwen2-VL's
+                # <|box_start|>/<|object_ref_start|> grounding tokens, which the references (data.box_format) carry.
+                text = tokenizer.decode([t for t in row.tolist() if t not in stop_ids and t != ctx.pad_token_id])
                 ok = normalize_answer(text) == normalize_answer(ref or "")
                 correct[task] += int(ok)
                 total[task] += 1

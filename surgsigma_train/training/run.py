@@ -13,7 +13,7 @@ import platform
 import subprocess
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Sequence
 
 import torch
 
@@ -21,8 +21,11 @@ from surgsigma_train import __version__
 from surgsigma_train.config.loading import dump_recipe
 from surgsigma_train.config.schema import DataSource, RecipeConfig
 from surgsigma_train.data.video import available_backends, backend_version
+from surgsigma_train.data.index import ConcatSamples, SampleIndex
 from surgsigma_train.data.readers import ReadReport, read_source
+from surgsigma_train.data.mixture import Mixture, format_mixture
 from surgsigma_train.data.sample import Sample
+from surgsigma_train.data.splits import SampleColumns, check_disjoint, format_split, split_indices
 from surgsigma_train.errors import DataError
 from surgsigma_train.models.family import ModelFamily
 from surgsigma_train.models.registry import get_family
@@ -30,16 +33,28 @@ from surgsigma_train.training import checkpoint as ckpt
 
 
 def read_samples(sources: list[DataSource], task_ids: dict[int, str]) -> tuple[list[Sample], list[ReadReport]]:
-    samples, reports = [], []
+    """All sources' samples in order. An Arrow index source stays memory-mapped (a sequence, not a list)."""
+    parts, reports = [], []
     for source in sources:
         got, rep = read_source(source, task_ids)
-        samples.extend(got)
+        parts.append(got)
         reports.extend(rep)
-    return samples, reports
+    if all(isinstance(p, list) for p in parts):
+        return [s for p in parts for s in p], reports
+    return (parts[0] if len(parts) == 1 else ConcatSamples(parts)), reports  # type: ignore[return-value]
+
+
+def sample_columns(samples: Sequence[Sample]) -> SampleColumns:
+    """Split/mixture columns; an index reads them from Arrow instead of building millions of samples."""
+    return samples.sample_columns() if hasattr(samples, "sample_columns") else SampleColumns.from_samples(samples)
 
 
 def data_fingerprint(samples: list[Sample]) -> str:
     """Identity of the training data: ids, media and targets in order (not file mtimes)."""
+    if isinstance(samples, SampleIndex):  # hashed per sample at build time, kept in its manifest
+        return samples.fingerprint()
+    if isinstance(samples, ConcatSamples):
+        return samples.fingerprint(data_fingerprint)
     h = hashlib.sha256()
     for s in samples:
         h.update(json.dumps([s.id, s.task, [m.path for m in s.media], [m.content for m in s.messages]]).encode())
@@ -54,6 +69,12 @@ def format_report(reports: list[ReadReport]) -> str:
             lines.append(f"    excluded {n}: {reason}")
         for name, n in sorted(r.unmapped_fields.items()):
             lines.append(f"    unmapped field {name!r} in {n} records")
+        for reason, n in sorted(r.repaired.items()):
+            lines.append(f"    repaired {n}: {reason}")
+        if r.missing_media:
+            shown = ", ".join(sorted(r.missing_media)[:5]) + (", ..." if len(r.missing_media) > 5 else "")
+            lines.append(f"    missing media: {len(r.missing_media)} files, {sum(r.missing_media.values())} "
+                         f"records (bad): {shown}")
         for bad in r.bad[:10]:
             lines.append(f"    bad {bad.record}: {bad.reason}")
         if len(r.bad) > 10:
@@ -100,6 +121,8 @@ class RunContext:
     eval_samples: list[Sample]
     reports: list[ReadReport] = field(default_factory=list)
     data_fingerprint: str = ""
+    mixture: Mixture | None = None  # the training data's per-epoch sampling (None when need_train=False)
+    split_report: dict[str, Any] | None = None
 
     @property
     def pad_token_id(self) -> int:
@@ -120,20 +143,57 @@ def build_processor(cfg: RecipeConfig, family: ModelFamily) -> Any:
     )
 
 
+def apply_split(cfg: RecipeConfig, train: list[Sample], evals: list[Sample]
+                ) -> tuple[list[Sample], list[Sample], dict[str, Any] | None]:
+    """(train, held-out, split report): data.split's held-out videos go before data.eval's samples.
+
+    Train and eval call this with the same config, so they see the same split. Whatever the split, no
+    source video may be on both sides (an error), unless a frame-level split was asked for (a warning).
+    """
+    report = None
+    if cfg.data.split is not None:
+        result = split_indices(sample_columns(train), cfg.data.split)
+        report = result.report
+        print(format_split(report))
+        evals = [train[i] for i in result.eval] + list(evals)  # held-out sets are small; an index may be one
+        train = train.select(result.train) if hasattr(train, "select") else [train[i] for i in result.train]
+    if train and evals:
+        leak_ok = cfg.data.split is not None and cfg.data.split.by == "sample"
+        warnings = check_disjoint(sample_columns(train), sample_columns(evals),
+                                  allow_leak=leak_ok)
+        if report is not None:
+            report["warnings"] += warnings
+    return train, evals, report
+
+
 def prepare_run(cfg: RecipeConfig, *, need_train: bool = True, write_record: bool = True) -> RunContext:
     run_dir = Path(cfg.output.dir)
     run_dir.mkdir(parents=True, exist_ok=True)
     family = get_family(cfg.model.family)
-    train, train_reports = read_samples(cfg.data.train, cfg.data.task_ids) if need_train else ([], [])
+    # With data.split the held-out part is carved out of data.train, so eval reads data.train too.
+    read_train = need_train or cfg.data.split is not None
+    train, train_reports = read_samples(cfg.data.train, cfg.data.task_ids) if read_train else ([], [])
     evals, eval_reports = read_samples(cfg.data.eval, cfg.data.task_ids)
     reports = train_reports + eval_reports
     if reports:
         print(format_report(reports))
+    train, evals, split_report = apply_split(cfg, train, evals)
     if need_train and not train:
         raise DataError("no usable training samples (see the report above)")
+    mixture = None
+    fingerprint = data_fingerprint(train)
+    if need_train:
+        mixture = Mixture(sample_columns(train), cfg.data.mixture, seed=cfg.train.seed)
+        print(format_mixture(mixture))
+        if mixture.active:  # other weights = another data order: resuming across that would not be exact
+            fingerprint = hashlib.sha256((fingerprint + mixture.to_json()).encode()).hexdigest()[:16]
     processor = build_processor(cfg, family)
-    ctx = RunContext(cfg, run_dir, family, processor, train, evals, reports, data_fingerprint(train))
+    ctx = RunContext(cfg, run_dir, family, processor, train, evals, reports, fingerprint, mixture, split_report)
     if write_record:
+        if mixture is not None:
+            (run_dir / "mixture.json").write_text(mixture.to_json())
+        if split_report is not None:
+            (run_dir / "split.json").write_text(json.dumps(split_report, indent=2))
         (run_dir / "config.yaml").write_text(dump_recipe(cfg))
         with (run_dir / "bad_samples.jsonl").open("w") as fh:
             for r in reports:
@@ -146,6 +206,7 @@ def prepare_run(cfg: RecipeConfig, *, need_train: bool = True, write_record: boo
             "device": torch.cuda.get_device_name(0) if torch.cuda.is_available() else "cpu",
             "data_fingerprint": ctx.data_fingerprint, "train_samples": len(train), "eval_samples": len(evals),
             "data_reports": [r.summary() for r in reports], "vision_spec": vision_spec(cfg, processor),
+            "split": {k: v for k, v in (split_report or {}).items() if k != "held_out_videos"} or None,
         }
         (run_dir / "run_info.json").write_text(json.dumps(info, indent=2, default=str))
     return ctx

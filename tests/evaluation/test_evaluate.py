@@ -57,6 +57,6 @@ def test_validate_reports_bad_data(tmp_path):
     proc = cli("validate", "recipes/demo.yaml", f"data.train.0.path={tmp_path / 'd.jsonl'}", "data.eval=[]")
     assert proc.returncode == 3
     assert "line 2" in proc.stdout and "malformed JSON" in proc.stdout
-    assert "missing.png: file not found" in proc.stdout
+    assert "bad a: media not found under" in proc.stdout and "missing.png" in proc.stdout
     missing = cli("validate", "recipes/demo.yaml", f"data.train.0.path={tmp_path / 'nope.json'}")
     assert missing.returncode == 3 and "does not exist" in missing.stdout
