@@ -36,9 +36,23 @@ def resolve_media_path(root: Path, relative: str) -> Path:
     return candidate
 
 
+def image_mode_problem(mode: str) -> str | None:
+    """Why an image of this Pillow mode cannot be trained on, or None.
+
+    More than 8 bits per channel (16-bit PNG "I;16", 32-bit "I", float "F"): `convert("RGB")` clips values
+    above 255 instead of scaling them, so the model would silently see a washed-out image.
+    """
+    if mode in ("I", "F") or mode.startswith("I;16"):
+        return (f"{mode} image with more than 8 bits per channel: converting it to RGB clips values above 255 "
+                "(convert it to 8-bit first)")
+    return None
+
+
 def load_image(path: Path) -> Image.Image:
     try:
         with Image.open(path) as img:
+            if problem := image_mode_problem(img.mode):
+                raise MediaError(path, problem)
             img.load()
             return img.convert("RGB")
     except FileNotFoundError as exc:
