@@ -2,8 +2,9 @@
 
 A folder without the marker (a save killed halfway) is never loaded and is cleaned up. Weights are
 saved in the Hugging Face layout (`model/` for full fine-tuning, `adapter/` for LoRA), so a
-checkpoint is also what `eval` and export load; optimizer, scheduler and RNG states are plain
-tensors loaded with `weights_only=True`.
+checkpoint is also what `eval` and export load whatever the backend; optimizer, scheduler and RNG
+states (one file per rank) are plain tensors loaded with `weights_only=True`. What each distributed
+backend adds is described in surgsigma_train/distributed/engines.py.
 """
 
 from __future__ import annotations
@@ -14,7 +15,7 @@ import random
 import re
 import shutil
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 import numpy as np
 import torch
@@ -83,50 +84,65 @@ def latest_checkpoint(checkpoint_dir: Path) -> Path | None:
     return found[-1] if found else None
 
 
-def save_checkpoint(checkpoint_dir: Path, step: int, model: torch.nn.Module, optimizer: torch.optim.Optimizer,
-                    scheduler: Any, trainer_state: dict[str, Any], tokenizer: Any | None = None,
-                    keep_last: int = 2, extra_files: dict[str, str] | None = None) -> Path:
+def save_checkpoint(checkpoint_dir: Path, step: int, write: Callable[[Path], None], *, rank: int = 0,
+                    barrier: Callable[[], None] = lambda: None, keep_last: int = 2) -> Path:
+    """The commit protocol; `write(tmp)` runs on every rank and writes that rank's share.
+
+    rank 0 makes `step-N.tmp/`; all ranks write; after a barrier rank 0 writes the COMMITTED marker
+    last, renames the folder to `step-N/` and prunes to the newest `keep_last`; a final barrier keeps
+    any rank from reading the folder before it is committed.
+    """
     final = checkpoint_dir / f"step-{step}"
     tmp = checkpoint_dir / f"step-{step}.tmp"
-    if tmp.exists():
-        shutil.rmtree(tmp)
-    tmp.mkdir(parents=True)
-    is_peft = hasattr(model, "peft_config")
-    model.save_pretrained(tmp / ("adapter" if is_peft else "model"), safe_serialization=True)
-    if is_peft:
-        save_base_trainables(model, tmp / "adapter")
-    if tokenizer is not None:
-        tokenizer.save_pretrained(tmp / "tokenizer")
-    torch.save(optimizer.state_dict(), tmp / "optimizer.pt")
-    torch.save(scheduler.state_dict(), tmp / "scheduler.pt")
-    torch.save(rng_state(), tmp / "rng.pt")
-    (tmp / "trainer_state.json").write_text(json.dumps(trainer_state, indent=2, sort_keys=True))
-    for name, text in (extra_files or {}).items():
-        (tmp / name).write_text(text)
-    marker = tmp / COMMIT_MARKER
-    with marker.open("w") as fh:
-        fh.write(f"step {step}\n")
-        fh.flush()
-        os.fsync(fh.fileno())
-    if final.exists():  # an older run's step-N: replaced only now, once the new one is complete
-        shutil.rmtree(final)
-    os.replace(tmp, final)
-    _fsync_dir(checkpoint_dir)
-    for old in committed_checkpoints(checkpoint_dir)[:-keep_last]:
-        shutil.rmtree(old)
+    if rank == 0:
+        if tmp.exists():
+            shutil.rmtree(tmp)
+        tmp.mkdir(parents=True)
+    barrier()
+    write(tmp)
+    barrier()
+    if rank == 0:
+        marker = tmp / COMMIT_MARKER
+        with marker.open("w") as fh:
+            fh.write(f"step {step}\n")
+            fh.flush()
+            os.fsync(fh.fileno())
+        if final.exists():  # an older run's step-N: replaced only now, once the new one is complete
+            shutil.rmtree(final)
+        os.replace(tmp, final)
+        _fsync_dir(checkpoint_dir)
+        for old in committed_checkpoints(checkpoint_dir)[:-keep_last]:
+            shutil.rmtree(old)
+    barrier()
     return final
+
+
+def save_weights(model: torch.nn.Module, folder: Path, state_dict: dict[str, torch.Tensor] | None = None) -> None:
+    """Hugging Face layout: `model/` (full fine-tuning) or `adapter/` (LoRA) plus kept-trainable base
+    parameters; `state_dict` is the gathered full state of a sharded model (FSDP2, ZeRO-3)."""
+    is_peft = hasattr(model, "peft_config")
+    target = folder / ("adapter" if is_peft else "model")
+    model.save_pretrained(target, safe_serialization=True, state_dict=state_dict)
+    if is_peft:
+        save_base_trainables(model, target, state_dict)
+
+
+def rng_file(rank: int) -> str:
+    return f"rng-rank{rank}.pt"
 
 
 BASE_TRAINABLES = "base_trainables.safetensors"
 
 
-def save_base_trainables(model: torch.nn.Module, adapter_dir: Path) -> None:
+def save_base_trainables(model: torch.nn.Module, adapter_dir: Path,
+                         state_dict: dict[str, torch.Tensor] | None = None) -> None:
     """With LoRA, base parameters the user kept trainable (e.g. the projector) are not in the adapter
     file peft writes; they are saved next to it so resume and eval get them back."""
     from safetensors.torch import save_file
 
-    extra = {n: p.detach().cpu().contiguous() for n, p in model.named_parameters()
-             if p.requires_grad and "lora_" not in n}
+    names = [n for n, p in model.named_parameters() if p.requires_grad and "lora_" not in n]
+    values = state_dict if state_dict is not None else dict(model.named_parameters())
+    extra = {n: values[n].detach().cpu().contiguous() for n in names}
     if extra:
         save_file(extra, str(adapter_dir / BASE_TRAINABLES))
 
@@ -148,13 +164,11 @@ def load_base_trainables(model: torch.nn.Module, adapter_dir: Path) -> int:
     return len(saved)
 
 
-def load_training_state(path: Path, optimizer: torch.optim.Optimizer, scheduler: Any) -> dict[str, Any]:
-    """Optimizer, scheduler and RNGs of a committed checkpoint; returns its trainer state."""
+def load_trainer_state(path: Path, rank: int = 0) -> dict[str, Any]:
+    """RNGs of this rank and the trainer state of a committed checkpoint (optimizer: the engine's job)."""
     if not (path / COMMIT_MARKER).is_file():
         raise FileNotFoundError(f"{path} is not a committed checkpoint (no {COMMIT_MARKER} marker)")
-    optimizer.load_state_dict(torch.load(path / "optimizer.pt", weights_only=True))
-    scheduler.load_state_dict(torch.load(path / "scheduler.pt", weights_only=True))
-    set_rng_state(torch.load(path / "rng.pt", weights_only=True))
+    set_rng_state(torch.load(path / rng_file(rank), weights_only=True))
     return json.loads((path / "trainer_state.json").read_text())
 
 
