@@ -1,18 +1,23 @@
 """`surgsigma-train`: train, eval, validate, data demo.
 
-Exit codes tell a launcher what to do: 0 done, 2 bad config (do not retry), 3 bad data (do not retry),
-1 anything unexpected.
+Exit codes tell a launcher what to do (surgsigma_train/errors.py): 0 done, 1 anything unexpected,
+2 bad config, 3 bad data, 4 training diverged (these three: do not retry), 75 preempted after saving a
+committed checkpoint and 76 infrastructure failure (collective timeout, lost peer, I/O): requeue or
+retry, `train` resumes by itself. Under torchrun, which reports any failed worker as 1, rank 0 also
+writes the code to RUN_DIR/exit_status.json.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
+import traceback
 from pathlib import Path
 
 from surgsigma_train.config.loading import load_recipe
-from surgsigma_train.errors import DataError, UserError
+from surgsigma_train.errors import EXIT_PREEMPTED, DataError, InfraError, Preempted, UserError
 
 EXIT_DATA = DataError.exit_code
 
@@ -22,7 +27,7 @@ def _cmd_train(args: argparse.Namespace) -> int:
 
     trainer = run_training(cfg)
     print(f"run folder: {trainer.ctx.run_dir}")
-    if cfg.eval.after_training and cfg.data.eval:
+    if cfg.eval.after_training and (cfg.data.eval or cfg.data.split is not None):
         return _run_eval(cfg, None)
     return 0
 
@@ -45,38 +50,41 @@ def _cmd_eval(args: argparse.Namespace) -> int:
 
 
 def _cmd_validate(args: argparse.Namespace) -> int:
-    from surgsigma_train.data.media import MediaError, resolve_media_path
-    from surgsigma_train.training.run import format_report, read_samples
+    from surgsigma_train.data.preflight import format_preflight, run_preflight
+    from surgsigma_train.training.run import format_report
 
     cfg = load_recipe(args.recipe, args.overrides)
     print(f"config {args.recipe}: ok ({cfg.model.family}, source {cfg.model.source})")
+    result = run_preflight(cfg, workers=args.workers, timeout_s=args.timeout)
+    if result.reports:
+        print(format_report(result.reports))  # what each reader did: formats, exclusions, repairs, unmapped fields
+    for split, (n, videos) in result.read.items():
+        media = [f for f in result.bad if f.split == split and f.media is not None]
+        for f in media[:20]:
+            print(f"    sample {f.id}: media {f.media}: {f.reason}")
+        print(f"{split}: {n} samples from {videos} source videos; {len(media)} media problems")
+    print(format_preflight(result, Path(cfg.output.dir) / "preflight"))
+    train = [s for split, s, _ in result.clean if split == "train"]
+    evals = [s for split, s, _ in result.clean if split == "eval"]
     problems = 0
-    for split, sources in (("train", cfg.data.train), ("eval", cfg.data.eval)):
+    if train:  # the split (data.split, no video on both sides) and the mixture weights' names, on the clean data
+        from surgsigma_train.data.mixture import Mixture, format_mixture
+        from surgsigma_train.data.splits import SampleColumns
+        from surgsigma_train.training.run import apply_split
+
         try:
-            samples, reports = read_samples(sources, cfg.data.task_ids)
-        except DataError as exc:
-            print(f"{split}: {exc}")
+            train, _, _ = apply_split(cfg, train, evals)
+            print(format_mixture(Mixture(SampleColumns.from_samples(train), cfg.data.mixture, seed=cfg.train.seed)))
+        except UserError as exc:
+            print(f"split/mixture: {exc}")
             problems += 1
-            continue
-        print(format_report(reports))
-        problems += sum(len(r.bad) for r in reports)
-        missing = []
-        for s in samples:
-            for ref in s.media:
-                try:
-                    if not resolve_media_path(Path(s.media_root), ref.path).is_file():
-                        missing.append((s.id, ref.path, "file not found"))
-                except MediaError as exc:
-                    missing.append((s.id, ref.path, exc.reason))
-        for sid, path, reason in missing[:20]:
-            print(f"    sample {sid}: media {path}: {reason}")
-        problems += len(missing)
-        videos = len({s.split_key for s in samples})
-        print(f"{split}: {len(samples)} samples from {videos} source videos; {len(missing)} media problems")
-    if problems:
-        print(f"validate: {problems} problems found")
+    else:
+        print("validate: no clean training sample")
+        problems += 1
+    if problems or not result.ok:
+        print(f"validate: {problems + len(result.bad)} problems found")
         return EXIT_DATA
-    print("validate: ok")
+    print("validate: ok" + (f" ({len(result.bad)} bad records within data.max_bad_fraction)" if result.bad else ""))
     return 0
 
 
@@ -86,6 +94,38 @@ def _cmd_data_demo(args: argparse.Namespace) -> int:
     summary = write_demo_dataset(Path(args.out_dir), seed=args.seed, n_train_videos=args.train_videos,
                                  n_heldout_videos=args.heldout_videos)
     print(json.dumps(summary, indent=2, default=str))
+    return 0
+
+
+def _cmd_data_convert(args: argparse.Namespace) -> int:
+    from surgsigma_train.data.convert import convert_dataset, parse_video_selection
+
+    summary, bad = convert_dataset(
+        args.dataset, Path(args.input), Path(args.out), videos=parse_video_selection(args.videos),
+        frame_pattern=args.frame_pattern, video_pattern=args.video_pattern, fps=args.fps, split=args.split,
+        include_interpolated=args.include_interpolated)
+    for b in bad:  # every unusable row, so that nothing is dropped unseen
+        print(f"unusable: {b.file} {b.record}: {b.reason}", file=sys.stderr)
+    print(json.dumps(summary, indent=2, ensure_ascii=False))
+    return 0
+
+
+def _cmd_data_index(args: argparse.Namespace) -> int:
+    from surgsigma_train.config.schema import DEFAULT_TASK_IDS
+    from surgsigma_train.data.index import build_index
+
+    task_ids = dict(DEFAULT_TASK_IDS)
+    for pair in args.task_ids:  # ID=NAME entries replace the default numbering's; ID= removes one
+        tid, sep, name = pair.partition("=")
+        if not sep or not tid.strip().isdigit():
+            raise DataError(f"--task-ids entry {pair!r} is not ID=NAME")
+        task_ids.pop(int(tid), None)
+        if name:
+            task_ids[int(tid)] = name
+    manifest = build_index(args.source, args.out_dir, task_ids, fmt=args.format, media_root=args.media_root,
+                           check_media=not args.no_check_media, shard_rows=args.shard_rows)
+    summary = {k: v for k, v in manifest["report"].items() if k != "bad"}
+    print(json.dumps({"index": args.out_dir, "shards": len(manifest["shards"]), **summary}, indent=2))
     return 0
 
 
@@ -110,6 +150,27 @@ def _cmd_data_inspect(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_data_stats(args: argparse.Namespace) -> int:
+    cfg = load_recipe(args.recipe, args.overrides)
+    from surgsigma_train.data.stats import compute_stats, format_stats
+
+    print(format_stats(compute_stats(cfg, args.max_samples)))
+    return 0
+
+
+def _cmd_launch_slurm(args: argparse.Namespace) -> int:
+    from surgsigma_train.launch.slurm import SlurmJob, prepare_launch, submit
+
+    job = SlurmJob(nodes=args.nodes, gpus_per_node=args.gpus_per_node, nproc_per_node=args.nproc_per_node,
+                   cpus_per_task=args.cpus_per_task, partition=args.partition, time=args.time,
+                   account=args.account, signal_lead_s=args.signal_lead, extra=args.sbatch_arg)
+    recipe, script = prepare_launch(args.recipe, args.overrides, job)
+    print(f"recipe: {recipe}\nbatch script: {script}")
+    if not args.dry_run:
+        print(f"submitted job {submit(script)} (log: {job.output})")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="surgsigma-train", description=__doc__.splitlines()[0])
     sub = parser.add_subparsers(dest="command", required=True)
@@ -122,6 +183,10 @@ def build_parser() -> argparse.ArgumentParser:
         p.add_argument("recipe", help="YAML recipe")
         p.add_argument("overrides", nargs="*", help="key.sub=value overrides")
         p.set_defaults(func=func)
+        if name == "validate":
+            p.add_argument("--workers", type=int, default=2, help="video probe processes working in parallel")
+            p.add_argument("--timeout", type=float, default=None,
+                           help="seconds per video probe/decode (default: video.decode_timeout_s)")
     data = sub.add_parser("data", help="data utilities").add_subparsers(dest="data_command", required=True)
     demo = data.add_parser("demo", help="write the synthetic SurgΣ-DB-format demo data set")
     demo.add_argument("out_dir")
@@ -135,16 +200,90 @@ def build_parser() -> argparse.ArgumentParser:
     inspect.add_argument("--sample", required=True, help="sample id")
     inspect.add_argument("--json", action="store_true", help="print JSON")
     inspect.set_defaults(func=_cmd_data_inspect)
+    index = data.add_parser("index", help="build the memory-mapped Arrow sample index of a large source "
+                            "(offline, resumable: rerun after a kill to continue)")
+    index.add_argument("source", help="SurgΣ-DB release JSON, JSON list or JSONL")
+    index.add_argument("out_dir", help="index directory (a recipe data source path may name it)")
+    index.add_argument("--task-ids", nargs="*", default=[], metavar="ID=NAME",
+                       help="task numbering changes to the default (as data.task_ids in the recipe)")
+    index.add_argument("--format", default="auto", choices=["auto", "surgsigma", "llava", "openai"])
+    index.add_argument("--media-root", default=None, help="default: the source's folder, or its raw_data/")
+    index.add_argument("--no-check-media", action="store_true",
+                       help="do not look media up (no VIDn repair, missing files not reported)")
+    index.add_argument("--shard-rows", type=int, default=262_144)
+    index.set_defaults(func=_cmd_data_index)
+    stats = data.add_parser("stats", help="counts by task/specialty/source/split and token lengths per task")
+    stats.add_argument("recipe")
+    stats.add_argument("overrides", nargs="*", help="key.sub=value overrides")
+    stats.add_argument("--max-samples", type=int, default=None, metavar="N",
+                       help="measure token lengths on N samples evenly spaced over the data (counts use all)")
+    stats.set_defaults(func=_cmd_data_stats)
+    convert = data.add_parser("convert", help="turn Cholec80 / CholecT50 / Endoscapes label files into a "
+                              "SurgΣ-DB-layout JSON")
+    convert.add_argument("--from", dest="dataset", required=True, choices=("cholec80", "cholect50", "endoscapes"))
+    convert.add_argument("--input", required=True, help="the data set's folder as published")
+    convert.add_argument("--out", required=True, help="JSON file to write")
+    convert.add_argument("--videos", help="only these video numbers, e.g. 1-40,45")
+    convert.add_argument("--frame-pattern", help="frame path under the data root, e.g. "
+                         "'Cholec80/frames/video{video:02d}/{index:06d}.png' (fields: video, frame[, index])")
+    convert.add_argument("--video-pattern", help="video path for the video table (field: video)")
+    convert.add_argument("--fps", type=float, help="cholec80: frames sampled per second (default 1)")
+    convert.add_argument("--split", help="endoscapes: only the videos of SPLIT_vids.txt (train, val, test)")
+    convert.add_argument("--include-interpolated", action="store_true", default=None,
+                         help="endoscapes: also convert rows interpolated between rater-annotated frames")
+    convert.set_defaults(func=_cmd_data_convert)
+    launch = sub.add_parser("launch", help="multi-node launchers").add_subparsers(dest="launch_command", required=True)
+    slurm = launch.add_parser("slurm", help="write <output.dir>/launch/{recipe.yaml,train.sbatch} and sbatch it "
+                              "(preemption: save, requeue, resume)")
+    slurm.add_argument("recipe")
+    slurm.add_argument("overrides", nargs="*", help="key.sub=value overrides (baked into the written recipe)")
+    slurm.add_argument("--nodes", type=int, default=1)
+    slurm.add_argument("--gpus-per-node", type=int, default=0, help="0 = CPU processes")
+    slurm.add_argument("--nproc-per-node", type=int, default=None, help="processes per node (default: GPUs, or 1)")
+    slurm.add_argument("--cpus-per-task", type=int, default=None, help="CPUs for each node's task (all its processes)")
+    slurm.add_argument("--partition")
+    slurm.add_argument("--time", help="time limit, e.g. 24:00:00")
+    slurm.add_argument("--account")
+    slurm.add_argument("--signal-lead", type=int, default=300, metavar="S",
+                       help="SIGUSR2 this many seconds before the time limit (enough to save a checkpoint)")
+    slurm.add_argument("--sbatch-arg", action="append", default=[], metavar="OPT",
+                       help="another #SBATCH option, e.g. --sbatch-arg=--qos=high (repeatable)")
+    slurm.add_argument("--dry-run", action="store_true", help="write the files, do not submit")
+    slurm.set_defaults(func=_cmd_launch_slurm)
     return parser
+
+
+def _finish_distributed(code: int) -> int:
+    """Under torchrun: ranks that ended together (done, preempted) meet at a barrier, then leave with
+    os._exit, which avoids gloo's occasional abort at interpreter exit. A rank that failed alone leaves
+    at once (a barrier would wait for peers that are not coming; the launcher stops them)."""
+    dist = sys.modules.get("torch.distributed")
+    if dist is None or not dist.is_available() or not dist.is_initialized():
+        return code
+    if code in (0, EXIT_PREEMPTED):
+        try:
+            dist.barrier()
+        except Exception:  # a peer gone by now changes nothing about this rank's result
+            pass
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(code)
 
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
-        return args.func(args)
-    except UserError as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return exc.exit_code
+        code = args.func(args)
+    except (UserError, InfraError, Preempted) as exc:
+        print(f"{'stopped' if isinstance(exc, Preempted) else 'error'}: {exc}", file=sys.stderr)
+        code = exc.exit_code
+    except BaseException as exc:
+        dist = sys.modules.get("torch.distributed")
+        if dist is None or not dist.is_initialized():
+            raise
+        traceback.print_exc()
+        code = InfraError.exit_code if isinstance(exc, dist.DistError) else 1
+    return _finish_distributed(code)
 
 
 if __name__ == "__main__":

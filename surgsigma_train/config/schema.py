@@ -31,7 +31,12 @@ class ModelConfig(Strict):
 
 class DataSource(Strict):
     path: str
-    format: Literal["auto", "surgsigma", "llava", "openai"] = "auto"
+    format: Literal["auto", "surgsigma", "llava", "openai", "hf"] = Field(
+        "auto", description="hf = a datasets-library dataset: save_to_disk folder, data folder or hub id "
+        "(record layout then detected); auto also recognises local datasets folders")
+    hf_split: str | None = Field(None, description="split of a datasets-library dataset (default: its only one)")
+    check_media: bool = Field(
+        True, description="look media up at read time: repair VIDn -> VID0n paths, records with missing media are bad")
     media_root: str | None = Field(None, description="root that media paths are relative to (default: the file's folder, or its raw_data/ if present)")
     max_samples: int | None = Field(None, ge=1, description="keep the first N samples (debugging)")
     video: VideoSampling | None = Field(None, description="frame sampling for this source (default: video.sampling)")
@@ -61,6 +66,34 @@ DEFAULT_TASK_IDS: dict[int, str] = {
 }
 
 
+class SplitConfig(Strict):
+    """Held-out split of data.train by source video (patient); see data/splits.py."""
+
+    by: Literal["video", "sample"] = Field(
+        "video", description="video: whole source videos (patients) per side; sample: frame-level (leaks, warned)")
+    eval_ratio: float = Field(0.0, ge=0.0, lt=1.0, description="share of source videos held out (0 = lists only)")
+    seed: int = 0
+    stratify: bool = Field(True, description="hold out eval_ratio of the videos of each source dataset")
+    train_videos: list[str] | None = Field(None, description="explicit training videos (split keys)")
+    eval_videos: list[str] | None = Field(None, description="explicit held-out videos (split keys)")
+
+
+class MixtureConfig(Strict):
+    """Sampling weights; a sample's weight is the product of its task, source and specialty weights (default 1)."""
+
+    task: dict[str, float] = {}
+    source: dict[str, float] = {}
+    specialty: dict[str, float] = {}
+
+    @model_validator(mode="after")
+    def _non_negative(self) -> "MixtureConfig":
+        for axis in ("task", "source", "specialty"):
+            for name, weight in getattr(self, axis).items():
+                if not weight >= 0 or weight == float("inf"):
+                    raise ValueError(f"mixture.{axis}.{name}: weight must be a finite number >= 0, got {weight}")
+        return self
+
+
 class DataConfig(Strict):
     train: list[DataSource] = Field(min_length=1)
     eval: list[DataSource] = []
@@ -75,6 +108,14 @@ class DataConfig(Strict):
         4096, ge=16, description="token budget per sample: videos are planned down (frames, then pixels) to fit; "
         "a sample that still does not fit is dropped with a reason, never truncated")
     num_workers: int = Field(0, ge=0)
+    max_bad_fraction: float = Field(
+        0.0, ge=0.0, le=1.0, description="`validate` fails (exit 3) when more than this share of the records is bad")
+    box_format: Literal["family", "keep"] = Field(
+        "family", description="localization answers: boxes rewritten in the model family's own convention "
+        "(Qwen2-VL tokens, Qwen2.5-VL resized-image pixels, Qwen3-VL 0-1000 JSON) or kept verbatim")
+    split: SplitConfig | None = Field(
+        None, description="carve a held-out set out of data.train by source video; it is added to data.eval")
+    mixture: MixtureConfig = MixtureConfig()
 
 
 class VideoSampling(Strict):
@@ -139,12 +180,38 @@ class TrainConfig(Strict):
     save_every: int = Field(0, ge=0, description="0 = only at the end")
     keep_last: int = Field(2, ge=1)
     resume: str = Field("auto", description='"auto" (latest committed checkpoint), "never", or a checkpoint path')
+    resume_allow_data_change: bool = Field(
+        False, description="resume even though the data manifest fingerprint changed (the data order will differ)")
     progress_bar: bool = True
     max_consecutive_nonfinite: int = Field(5, ge=1, description="abort after this many skipped steps in a row")
 
 
 class DistributedConfig(Strict):
-    backend: Literal["none"] = Field("none", description="single process; multi-GPU backends arrive with their issue")
+    """How the ranks a launcher (torchrun, srun) started share the work; see surgsigma_train/distributed/."""
+
+    backend: Literal["none", "ddp", "deepspeed", "fsdp2"] = Field(
+        "none", description="none = one process; ddp = replicated weights; deepspeed = ZeRO (zero_stage); "
+        "fsdp2 = torch fully_shard (parameters, gradients and optimizer state sharded)")
+    zero_stage: Literal[2, 3] = Field(2, description="deepspeed: 2 shards optimizer+gradients, 3 also parameters")
+    offload_optimizer: bool = Field(False, description="deepspeed: optimizer state and step on the CPU")
+    offload_params: bool = Field(False, description="deepspeed ZeRO-3: parameters on the CPU between uses")
+    deepspeed_config: str | None = Field(
+        None, description="DeepSpeed JSON to use instead of configs/deepspeed/zero{2,3}[_offload].json; "
+        '"auto" values are filled from the recipe')
+    init_timeout_s: float = Field(1800.0, gt=0, description="collective timeout while starting up (model load)")
+    step_timeout_s: float = Field(600.0, gt=0, description="collective timeout once training runs: a hung peer "
+                                  "ends the run with exit code 76 (retry) instead of blocking the allocation")
+    debug_nan_step: int | None = Field(
+        None, ge=1, description="test hook: make the loss non-finite at this optimizer step on debug_nan_rank")
+    debug_nan_rank: int = Field(0, ge=0)
+
+    @model_validator(mode="after")
+    def _check(self) -> "DistributedConfig":
+        if self.offload_params and not (self.backend == "deepspeed" and self.zero_stage == 3):
+            raise ValueError("distributed.offload_params needs backend deepspeed with zero_stage 3")
+        if self.offload_optimizer and self.backend != "deepspeed":
+            raise ValueError("distributed.offload_optimizer needs backend deepspeed")
+        return self
 
 
 class EvalConfig(Strict):
