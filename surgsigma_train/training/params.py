@@ -35,7 +35,12 @@ def apply_lora(model: nn.Module, family: ModelFamily, lora: LoraConfig, train: T
         r=lora.rank, lora_alpha=lora.alpha, lora_dropout=lora.dropout, use_dora=lora.dora,
         target_modules=family.lora_target_modules(lora.target_modules), bias="none",
     )
-    peft_model = get_peft_model(model, config)
+    # peft draws the adapters' initial A matrices from the global RNG: seed it here, so a run's adapters do not
+    # depend on whatever drew random numbers before (a hub model is not seeded at all), and leave the global
+    # stream as it was.
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(train.seed)
+        peft_model = get_peft_model(model, config)
     if not any("lora_" in n for n, _ in peft_model.named_parameters()):
         raise ValueError(f"LoRA matched no module for targets {lora.target_modules or family.default_lora_targets}")
     wanted = {"base_model.model." + n for n in trainable_full}

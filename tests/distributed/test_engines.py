@@ -168,3 +168,28 @@ def test_sigusr2_saves_exits_75_and_rerun_resumes(demo_data, tmp_path, reference
     run(demo_data, tmp_path, 2, "train.max_steps=12", *BACKENDS["zero3"])
     assert json.loads((tmp_path / "exit_status.json").read_text())["exit_code"] == 0
     assert_close(losses(tmp_path), reference, range(1, 13), TOL)
+
+
+LORA = ["lora.enabled=true", "lora.rank=4", "lora.alpha=8", "train.lr=5e-3"]
+
+
+@pytest.fixture(scope="module")
+def lora_reference(demo_data, tmp_path_factory) -> dict[int, float]:
+    """LoRA, one process, 4 steps, uninterrupted."""
+    run_dir = tmp_path_factory.mktemp("lora-reference")
+    run(demo_data, run_dir, 1, "train.max_steps=4", *LORA)
+    return losses(run_dir)
+
+
+@pytest.mark.parametrize("backend", ["ddp", "zero3", "fsdp2"])
+def test_lora_two_processes_match_one_process(demo_data, tmp_path, lora_reference, backend):
+    run(demo_data, tmp_path, 2, "train.max_steps=4", *LORA, *BACKENDS[backend])
+    layout = json.loads((tmp_path / "distributed.json").read_text())
+    assert layout["world_size"] == 2 and len(layout["ranks"]) == 2
+    if backend in ("zero3", "fsdp2"):
+        assert all(rank["params_local"] <= rank["params_global"] * 0.55 for rank in layout["ranks"])
+    curve = losses(tmp_path)
+    assert_close(curve, lora_reference, range(1, 5), TOL)
+    assert curve[4] < curve[1] - 0.05  # the adapters really train
+    checkpoint = tmp_path / "checkpoints" / "step-4"
+    assert (checkpoint / "COMMITTED").is_file() and (checkpoint / "adapter" / "adapter_model.safetensors").is_file()

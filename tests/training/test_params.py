@@ -73,3 +73,21 @@ def test_schedule_shape():
     assert lr_multiplier(5, linear) == pytest.approx(0.5)
     assert lr_multiplier(7, TrainConfig(max_steps=10, lr_schedule="constant")) == 1.0
     assert all(math.isfinite(lr_multiplier(s, train)) for s in range(200))
+
+
+def test_lora_init_comes_from_the_train_seed(family):
+    """Adapters are drawn from train.seed, whatever the global RNG went through before (a hub model is not
+    seeded at all), and the global stream is left as it was."""
+    import torch
+
+    def adapters(seed: int, noise: int) -> dict:
+        model = fresh(family)
+        torch.manual_seed(noise)  # something else drew random numbers before LoRA
+        before = torch.random.get_rng_state()
+        model = apply_lora(model, family, LoraConfig(enabled=True, rank=2), TrainConfig(seed=seed))
+        assert torch.equal(torch.random.get_rng_state(), before)
+        return {n: p.detach().clone() for n, p in model.named_parameters() if "lora_A" in n}
+
+    a, b, c = adapters(0, noise=1), adapters(0, noise=2), adapters(1, noise=1)
+    assert a.keys() == b.keys() and all(torch.equal(a[n], b[n]) for n in a)
+    assert any(not torch.equal(a[n], c[n]) for n in a)
