@@ -165,6 +165,9 @@ def test_batch_script_forwards_signal_requeues_on_usr2_only(tmp_path, fake_slurm
     # a "trainer" that exits 75 once it sees the signal, as the real one does after its save
     worker = ("import signal, sys, time, pathlib\ngot = []\n"
               "signal.signal(signal.SIGUSR2, lambda s, f: got.append(s))\n"
+              # as the trainer does: SIGTERM (which torchrun's agent sends to the others once one worker has
+              # exited) only sets the flag, so a rank still saving is not killed halfway
+              "signal.signal(signal.SIGTERM, lambda s, f: got.append(s))\n"
               "signal.signal(signal.SIGTERM, lambda s, f: got.append(s))\n"
               f"pathlib.Path({str(started)!r}).touch()\n"
               "for _ in range(600):\n    time.sleep(0.05)\n    if got:\n        print('worker got', got, flush=True)\n"
@@ -204,13 +207,16 @@ def test_torchrun_wrapper_passes_worker_exit_code(tmp_path):
 
 
 def test_torchrun_wrapper_forwards_usr2_to_workers(tmp_path):
-    ready = tmp_path / "ready"
+    ready, saved = tmp_path / "ready", tmp_path / "saved"  # files, not prints: two workers' prints interleave
     worker = ("import os, signal, sys, time, pathlib\ngot = []\n"
               "signal.signal(signal.SIGUSR2, lambda s, f: got.append(s))\n"
+              # as the trainer does: SIGTERM (which torchrun's agent sends to the others once one worker has
+              # exited) only sets the flag, so a rank still saving is not killed halfway
+              "signal.signal(signal.SIGTERM, lambda s, f: got.append(s))\n"
               f"pathlib.Path({str(ready)!r} + os.environ['RANK']).touch()\n"
               "for _ in range(1200):\n    time.sleep(0.05)\n    if got:\n"
               "        time.sleep(1.0)  # a save that outlives the agent's reaction to a plain signal\n"
-              "        print('rank', os.environ['RANK'], 'saved', flush=True)\n        sys.exit(75)\nsys.exit(9)\n")
+              f"        pathlib.Path({str(saved)!r} + os.environ['RANK']).touch()\n        sys.exit(75)\nsys.exit(9)\n")
     proc = _torchrun(tmp_path, worker)
     deadline = time.monotonic() + 60
     while not all(Path(f"{ready}{r}").exists() for r in (0, 1)) and time.monotonic() < deadline:
@@ -219,7 +225,7 @@ def test_torchrun_wrapper_forwards_usr2_to_workers(tmp_path):
     proc.send_signal(signal.SIGUSR2)  # only the agent: it must pass it on, not die
     out, _ = proc.communicate(timeout=60)
     assert proc.returncode == 75, out
-    assert "rank 0 saved" in out and "rank 1 saved" in out
+    assert Path(f"{saved}0").exists() and Path(f"{saved}1").exists(), out
 
 
 def test_torchrun_sh_needs_master_addr_for_many_nodes(tmp_path):
