@@ -10,10 +10,20 @@ The rule, from ``SamplingSpec`` (see its docstring) and the probed ``VideoMeta``
    and ``observe_until_s``.
 3. A window holding no more frames than that count gives each of its frames once, in order (never duplicates,
    so the caller may get fewer frames than ``min_frames``/``num_frames``: short videos stay honest).
-4. Otherwise the window's frames are cut into ``count`` equal runs (in frame index; equal in time for
-   constant-frame-rate video) and one frame is taken per run: the middle one (``uniform``) or a random one
-   (``segment_random``) drawn from a generator seeded by ``(sample_key, epoch)`` only, so the same sample in the
-   same epoch gets the same frames in any worker, process or resumed run, and another epoch gets others.
+4. Otherwise one frame is taken per run of ``count`` equal runs of the window: the middle one (``uniform``) or a
+   random one (``segment_random``) drawn from a generator seeded by ``(sample_key, epoch)`` only, so the same
+   sample in the same epoch gets the same frames in any worker, process or resumed run, and another epoch gets
+   others. The runs are equal in TIME:
+
+   * constant frame rate: runs of frame indices (equal in time there, and exact): the middle frame of run ``k``
+     is ``first + int((k + 0.5) * span / count)``, a random one is drawn among the run's frames;
+   * variable frame rate (``meta.variable_frame_rate`` with ``frame_times_s``): the visible window (the same
+     seconds as the count, see 2.) is cut into ``count`` equal time runs and each run's target time (its centre,
+     or a time drawn uniformly inside it) gets the visible frame whose presentation time is nearest. An index
+     split would put the frames where the frames are dense (25 fps then 12.5 fps: gaps of 0.37 s then 0.75 s for
+     2 fps). Where two targets share their nearest frame (a gap in the stream longer than a run), the later
+     ones move to the next free frames (the earlier ones back when the window's end is reached), so the count
+     and the order rules hold; never to a frame outside the window (so never after ``observe_until_s``).
 
 Clip bounds against the video (decided here, one rule for every caller):
 
@@ -72,6 +82,12 @@ def _frame_times(meta: VideoMeta) -> Sequence[float]:
 
 def clip_window(meta: VideoMeta, spec: SamplingSpec) -> tuple[int, int, float]:
     """``(first, stop, seconds)``: frames ``first..stop-1`` are visible; ``seconds`` is the visible duration."""
+    first, stop, window_start, window_end = _visible_window(meta, spec)
+    return first, stop, max(0.0, window_end - window_start)
+
+
+def _visible_window(meta: VideoMeta, spec: SamplingSpec) -> tuple[int, int, float, float]:
+    """``(first, stop, window_start_s, window_end_s)``: visible frames and the visible time window."""
     if meta.num_frames <= 0:
         raise VideoError(meta.path, "the video has no frames")
     times = _frame_times(meta)
@@ -98,7 +114,7 @@ def clip_window(meta: VideoMeta, spec: SamplingSpec) -> tuple[int, int, float]:
     if stop <= first:
         cut = f" cut at observe_until_s={spec.observe_until_s:.3f} s" if spec.observe_until_s is not None else ""
         raise VideoError(meta.path, f"{clip}{cut} holds no frame of the video")
-    return first, stop, max(0.0, visible_end - max(start, video_start))
+    return first, stop, max(start, video_start), visible_end
 
 
 def frame_count(spec: SamplingSpec, seconds: float) -> int:
@@ -112,14 +128,47 @@ def frame_count(spec: SamplingSpec, seconds: float) -> int:
 def select_frames(meta: VideoMeta, spec: SamplingSpec, *, sample_key: str = "", epoch: int = 0) -> list[int]:
     """Indices (ascending, distinct) of the frames to decode for ``spec``; see the module docstring."""
     check_spec(spec)
-    first, stop, seconds = clip_window(meta, spec)
+    first, stop, window_start, window_end = _visible_window(meta, spec)
     span = stop - first
-    count = frame_count(spec, seconds)
+    count = frame_count(spec, max(0.0, window_end - window_start))
     if span <= count:
         return list(range(first, stop))
-    if spec.mode == "uniform":
+    if meta.variable_frame_rate and meta.frame_times_s is not None:
+        return select_by_time(meta.frame_times_s, first, stop, window_start, window_end, count, spec.mode,
+                              sample_key=sample_key, epoch=epoch)
+    return select_by_index(first, stop, count, spec.mode, sample_key=sample_key, epoch=epoch)
+
+
+def select_by_index(first: int, stop: int, count: int, mode: str, *, sample_key: str = "", epoch: int = 0) -> list[int]:
+    """Constant frame rate: ``count`` equal runs of the frame indices ``first..stop-1`` (``count < stop - first``)."""
+    span = stop - first
+    if mode == "uniform":
         # Centre of run k is (k + 0.5) * span / count; runs are longer than one frame, so centres are distinct.
         return [first + int((k + 0.5) * span / count) for k in range(count)]
     rng = np.random.default_rng(sampling_seed(sample_key, epoch))
     bounds = [first + (k * span) // count for k in range(count + 1)]
     return [int(lo + rng.integers(hi - lo)) for lo, hi in zip(bounds, bounds[1:])]
+
+
+def select_by_time(times: Sequence[float], first: int, stop: int, window_start: float, window_end: float, count: int,
+                   mode: str, *, sample_key: str = "", epoch: int = 0) -> list[int]:
+    """Variable frame rate: per equal time run of ``[window_start, window_end)``, the frame of ``first..stop-1``
+    nearest to the run's target time (``count < stop - first``); distinct and ascending (see the module docstring)."""
+    run_s = max(0.0, window_end - window_start) / count
+    if mode == "uniform":
+        offsets = [0.5] * count
+    else:
+        offsets = np.random.default_rng(sampling_seed(sample_key, epoch)).random(count).tolist()
+    chosen = []
+    for k, offset in enumerate(offsets):
+        target = window_start + (k + offset) * run_s
+        after = min(max(bisect.bisect_left(times, target, first, stop), first), stop - 1)  # first frame at/after
+        before = max(after - 1, first)
+        chosen.append(before if target - times[before] <= times[after] - target else after)
+    # Shared nearest frames: push later picks forward, then pull back from the window's end (span > count).
+    for k in range(1, count):
+        chosen[k] = max(chosen[k], chosen[k - 1] + 1)
+    chosen[-1] = min(chosen[-1], stop - 1)
+    for k in range(count - 2, -1, -1):
+        chosen[k] = min(chosen[k], chosen[k + 1] - 1)
+    return chosen
