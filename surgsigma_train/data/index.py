@@ -31,7 +31,8 @@ import pyarrow.compute as pc
 from surgsigma_train.config.schema import DataSource
 from surgsigma_train.data.readers import (
     KNOWN_TABLE_KEYS, BadRecord, MediaCheck, ReadReport, RecordError, SurgSigmaTables, _as_list, _read_llava,
-    _read_openai, _read_surgsigma, default_media_root, detect_format,
+    _read_openai, _read_surgsigma, dataset_specialty, default_media_root, detect_format, no_annotations_reason,
+    record_id, table_entry_id,
 )
 from surgsigma_train.data.sample import MediaRef, Message, Sample
 from surgsigma_train.errors import DataError
@@ -234,18 +235,19 @@ def _plan_release_document(path: Path, tops: list, task_ids: dict[int, str]) -> 
             ids: list[str] = []
             payloads: list[str | None] = []
             for entry in _stream_items(path, f"{key}.item"):
-                if not isinstance(entry, dict) or "id" not in entry:  # counted as readers._surgsigma_tables does
+                entry_id = table_entry_id(entry)
+                if entry_id is None:  # counted as readers._surgsigma_tables does
                     unmapped[f"{key!r} entry without an id"] = unmapped.get(f"{key!r} entry without an id", 0) + 1
                     continue
                 for name in entry.keys() - KNOWN_TABLE_KEYS:
                     unmapped[f"{key!r} entry field {name!r}"] = unmapped.get(f"{key!r} entry field {name!r}", 0) + 1
-                ids.append(str(entry["id"]))
+                ids.append(entry_id)
                 if is_video:
                     payloads.append(json.dumps(entry))
-                    if entry.get("source dataset") and entry.get("clinical specialty"):
-                        by_dataset.setdefault(str(entry["source dataset"]), set()).add(str(entry["clinical specialty"]))
-                else:
-                    payloads.append(str(entry["image path"]) if "image path" in entry else None)
+                    if pair := dataset_specialty(entry):
+                        by_dataset.setdefault(pair[0], set()).add(pair[1])
+                else:  # the path as JSON: the reader reports a missing or non-string one as it does for a list
+                    payloads.append(json.dumps(entry.get("image path")))
                 if len(ids) >= 1_000_000:
                     (videos if is_video else images).add(ids, payloads)
                     ids, payloads = [], []
@@ -257,6 +259,8 @@ def _plan_release_document(path: Path, tops: list, task_ids: dict[int, str]) -> 
     specialty = {ds: next(iter(s)) for ds, s in by_dataset.items() if len(s) == 1}
 
     def records() -> Iterator[tuple[str, Any]]:
+        if not anno_keys:  # as readers.read_records: a document with nothing to read is one bad record
+            yield "#document", _Malformed(no_annotations_reason(unmapped))
         counter = itertools.count()
         for key in anno_keys:
             for record in _stream_items(path, f"{key}.item"):
@@ -265,7 +269,7 @@ def _plan_release_document(path: Path, tops: list, task_ids: dict[int, str]) -> 
     def context(chunk: list[tuple[str, Any]]) -> dict[str, Any]:
         wanted = sorted({str(m) for _, r in chunk if isinstance(r, dict)
                          for field in ("images", "image path", "video path") for m in _as_list(r.get(field))})
-        found_images = {k: {"image path": p} for k, p in images.lookup(wanted).items() if p is not None}
+        found_images = {k: {"image path": json.loads(p)} for k, p in images.lookup(wanted).items()}
         found_videos = {k: json.loads(p) for k, p in videos.lookup(wanted).items()}
         return {"tables": SurgSigmaTables(found_videos, found_images, specialty), "task_ids": task_ids}
 
@@ -405,7 +409,10 @@ def build_index(source: str | Path, out_dir: str | Path, task_ids: dict[int, str
                 done += 1
                 if done <= skip:
                     if isinstance(record, dict):
-                        seen.add(str(record.get("id", f"{source.name}:{position}")))
+                        try:
+                            seen.add(record_id(record, f"{source.name}:{position}"))
+                        except RecordError:
+                            pass
                     continue
                 report.records += 1
                 if isinstance(record, _Malformed):
@@ -415,7 +422,11 @@ def build_index(source: str | Path, out_dir: str | Path, task_ids: dict[int, str
                     report.bad.append(BadRecord(str(source), position,
                                                 f"record is a {type(record).__name__}, not an object"))
                     continue
-                sample_id = str(record.get("id", f"{source.name}:{position}"))
+                try:
+                    sample_id = record_id(record, f"{source.name}:{position}")
+                except RecordError as exc:
+                    report.bad.append(BadRecord(str(source), position, str(exc)))
+                    continue
                 if sample_id in seen:
                     report.bad.append(BadRecord(str(source), sample_id, "duplicate id"))
                     continue

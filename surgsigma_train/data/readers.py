@@ -9,6 +9,7 @@ box answers quarantined (data/boxes.py); every repair and every field that could
 
 from __future__ import annotations
 
+import functools
 import json
 import os
 import re
@@ -54,6 +55,51 @@ class ReadReport:
 
 class RecordError(ValueError):
     """A record that cannot become a sample; the message is the reason reported for it."""
+
+
+def _kind(value: Any) -> str:
+    """A JSON value's type, as a reason names it."""
+    if value is None:
+        return "null"
+    names = {bool: "a boolean", int: "a number", float: "a number", str: "a string", list: "a list", dict: "an object"}
+    return next((name for t, name in names.items() if isinstance(value, t)), type(value).__name__)
+
+
+def _optional_str(record: dict, key: str, where: str = "") -> str | None:
+    """`record[key]` when it is a string, None when absent or null; any other value makes the record bad."""
+    value = record.get(key)
+    if value is not None and not isinstance(value, str):
+        raise RecordError(f"{where}{key!r} must be a string, got {_kind(value)}")
+    return value
+
+
+def record_id(record: dict, default: str) -> str:
+    """A record's id (`default`, its position, when it has none); an unusable id makes the record bad."""
+    value = record.get("id")
+    if value is None:
+        return default
+    if isinstance(value, bool) or not isinstance(value, (str, int)) or value == "":
+        raise RecordError(f"'id' must be a non-empty string or an integer, got {_kind(value)} {value!r}")
+    return str(value)
+
+
+def _never_raises(reader: Any) -> Any:
+    """Last line of defence: an unforeseen error on a malformed field makes the record bad, never the run.
+
+    The fields a reader knows are type-checked with their own reasons; this only turns what slipped through
+    into a reason too (tests/data/test_reader_fuzz.py checks that nothing does).
+    """
+
+    @functools.wraps(reader)
+    def read(record: dict, sample_id: str, **context: Any) -> Sample | None:
+        try:
+            return reader(record, sample_id, **context)
+        except RecordError:
+            raise
+        except (AttributeError, KeyError, IndexError, TypeError, ValueError, OverflowError) as exc:
+            raise RecordError(f"malformed record ({type(exc).__name__}: {exc})") from exc
+
+    return read
 
 
 _ROLE_ALIASES = {"human": "user", "user": "user", "gpt": "assistant", "assistant": "assistant",
@@ -138,12 +184,15 @@ def _media_from_fields(record: dict) -> list[MediaRef]:
     for key, kind in (("image", "image"), ("images", "image"), ("video", "video"), ("videos", "video")):
         for item in _as_list(record.get(key)):
             if isinstance(item, dict):
-                refs.append(MediaRef(kind, str(item.get("path", "")), item.get("start"), item.get("end"),
-                                     item.get("observe_until")))
-            elif isinstance(item, str):
+                path = item.get("path")
+                if not isinstance(path, str) or not path:
+                    raise RecordError(f"{key!r} entry needs a non-empty string 'path', got {_kind(path)}")
+                refs.append(MediaRef(kind, path, item.get("start"), item.get("end"), item.get("observe_until")))
+            elif isinstance(item, str) and item:
                 refs.append(MediaRef(kind, item))
             else:
-                raise RecordError(f"{key!r} entries must be paths, got {type(item).__name__}")
+                raise RecordError(f"{key!r} entries must be paths (or objects with a 'path'), got "
+                                  + ("an empty string" if item == "" else _kind(item)))
     return refs
 
 
@@ -163,26 +212,33 @@ def _order_media_by_text(messages: list[Message], media: list[MediaRef]) -> list
 
 def _common_fields(record: dict) -> dict[str, Any]:
     return {
-        "task": str(record.get("task", "unknown")),
-        "specialty": record.get("specialty") or record.get("clinical specialty"),
-        "source": record.get("source") or record.get("source dataset"),
-        "source_video": record.get("source_video"),
-        "thinking": record.get("thinking"),
+        "task": _optional_str(record, "task") or "unknown",
+        "specialty": _optional_str(record, "specialty") or _optional_str(record, "clinical specialty"),
+        "source": _optional_str(record, "source") or _optional_str(record, "source dataset"),
+        "source_video": _optional_str(record, "source_video"),
+        "thinking": _optional_str(record, "thinking"),
     }
 
 
 # ---------------------------------------------------------------- LLaVA / ShareGPT
+@_never_raises
 def _read_llava(record: dict, sample_id: str, **_: Any) -> Sample:
     conv = record.get("conversations")
     if not isinstance(conv, list):
-        raise RecordError("'conversations' must be a list")
+        raise RecordError(f"'conversations' must be a list, got {_kind(conv)}")
+    if not conv:
+        raise RecordError("empty conversation ('conversations' is an empty list)")
     messages = []
-    for turn in conv:
-        if not isinstance(turn, dict) or not isinstance(turn.get("value"), str):
-            raise RecordError("each conversation turn needs a string 'value'")
-        role = _ROLE_ALIASES.get(str(turn.get("from", "")).lower())
+    for i, turn in enumerate(conv):
+        where = f"conversations[{i}]"
+        if not isinstance(turn, dict):
+            raise RecordError(f"{where} must be an object with 'from' and 'value', got {_kind(turn)}")
+        if not isinstance(turn.get("value"), str):
+            raise RecordError(f"{where} needs a string 'value', got {_kind(turn.get('value'))}")
+        speaker = turn.get("from")
+        role = _ROLE_ALIASES.get(speaker.lower()) if isinstance(speaker, str) else None
         if role is None:
-            raise RecordError(f"unknown speaker {turn.get('from')!r}")
+            raise RecordError(f"{where}: unknown speaker {speaker!r} in 'from' (known: {', '.join(_ROLE_ALIASES)})")
         messages.append(Message(role, turn["value"]))
     media = _media_from_fields(record)
     messages = _prepend_placeholders(messages, media)
@@ -190,42 +246,67 @@ def _read_llava(record: dict, sample_id: str, **_: Any) -> Sample:
 
 
 # ---------------------------------------------------------------- OpenAI-style messages
+def _part_path(part: dict, media: str, where: str) -> str:
+    """The path of an image/video part: `"image": p`, `"path": p`, `"image_url": {"url": p}` or `"image_url": p`.
+
+    The plain-string `image_url` is the OpenAI-style form ms-swift documents; the first of these keys present
+    (not null) is the one used, and it must hold a non-empty string.
+    """
+    url_key = f"{media}_url"
+    for key in (media, "path", url_key):
+        value = part.get(key)
+        if value is None:
+            continue
+        if key == url_key and isinstance(value, dict):
+            value, key = value.get("url"), f"{url_key}.url"
+        if not isinstance(value, str) or not value:
+            raise RecordError(f"{where}: {media} part {key!r} must be a non-empty path or URL string, got "
+                              + ("an empty string" if value == "" else _kind(value)))
+        return value
+    raise RecordError(f"{where}: {media} part without a path (looked for {media!r}, 'path', {url_key!r})")
+
+
+@_never_raises
 def _read_openai(record: dict, sample_id: str, **_: Any) -> Sample:
     raw = record.get("messages")
     if not isinstance(raw, list):
-        raise RecordError("'messages' must be a list")
+        raise RecordError(f"'messages' must be a list, got {_kind(raw)}")
+    if not raw:
+        raise RecordError("empty conversation ('messages' is an empty list)")
     messages, media = [], []
-    for turn in raw:
+    for i, turn in enumerate(raw):
         if not isinstance(turn, dict):
-            raise RecordError("each message must be an object")
-        role = _ROLE_ALIASES.get(str(turn.get("role", "")).lower())
-        if role is None:
-            raise RecordError(f"unknown role {turn.get('role')!r}")
+            raise RecordError(f"messages[{i}] must be an object with 'role' and 'content', got {_kind(turn)}")
+        role = turn.get("role")
+        role = _ROLE_ALIASES.get(role.lower(), role) if isinstance(role, str) else role
+        if role not in ("system", "user", "assistant"):
+            raise RecordError(f"messages[{i}]: unknown role {turn.get('role')!r} (known: {', '.join(_ROLE_ALIASES)})")
         content = turn.get("content")
         if isinstance(content, str):
             messages.append(Message(role, content))
             continue
         if not isinstance(content, list):
-            raise RecordError("message content must be a string or a list of parts")
+            raise RecordError(f"messages[{i}].content must be a string or a list of parts, got {_kind(content)}")
         text = []
-        for part in content:
-            kind = part.get("type") if isinstance(part, dict) else None
+        for j, part in enumerate(content):
+            where = f"messages[{i}].content[{j}]"
+            if not isinstance(part, dict):
+                raise RecordError(f"{where} must be an object with a 'type', got {_kind(part)}")
+            kind = part.get("type")
             if kind == "text":
-                text.append(str(part.get("text", "")))
+                if not isinstance(part.get("text"), str):
+                    raise RecordError(f"{where}: text part needs a string 'text', got {_kind(part.get('text'))}")
+                text.append(part["text"])
             elif kind in ("image", "image_url"):
-                path = part.get("image") or part.get("path") or (part.get("image_url") or {}).get("url")
-                if not isinstance(path, str):
-                    raise RecordError("image part without a path")
-                media.append(MediaRef("image", path))
+                media.append(MediaRef("image", _part_path(part, "image", where)))
                 text.append(IMAGE_PLACEHOLDER)
             elif kind in ("video", "video_url"):
-                path = part.get("video") or part.get("path") or (part.get("video_url") or {}).get("url")
-                if not isinstance(path, str):
-                    raise RecordError("video part without a path")
+                path = _part_path(part, "video", where)
                 media.append(MediaRef("video", path, part.get("start"), part.get("end"), part.get("observe_until")))
                 text.append(VIDEO_PLACEHOLDER)
             else:
-                raise RecordError(f"unknown content part type {kind!r}")
+                raise RecordError(f"{where}: unknown content part type {kind!r} (known: text, image, image_url, "
+                                  "video, video_url)")
         messages.append(Message(role, "".join(text)))
     if not media:  # string contents with top-level images/videos (LLaMA-Factory "sharegpt" messages)
         media = _media_from_fields(record)
@@ -241,8 +322,31 @@ KNOWN_ANNO_KEYS = {"id", "images", "task type", "answer", "image path", "video p
 # Table-entry fields the loader maps: into the sample (path, source, specialty, clip bounds) or its `extra`.
 KNOWN_TABLE_KEYS = {"id", "video path", "image path", "source dataset", "clinical specialty", "surgical type",
                     "source url", "start", "end"}
+# Table-entry fields copied into the sample as text: a value of another type makes the records using it bad.
+TABLE_TEXT_KEYS = ("source dataset", "clinical specialty", "surgical type", "source url")
 _IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".bmp", ".webp"}
 _VIDEO_SUFFIXES = {".mp4", ".avi", ".mkv", ".mov", ".webm", ".mpg", ".mpeg"}
+
+
+def table_entry_id(entry: Any) -> str | None:
+    """The id of a media table entry, or None when it has no usable one (a string or an integer)."""
+    value = entry.get("id") if isinstance(entry, dict) else None
+    ok = isinstance(value, (str, int)) and not isinstance(value, bool) and value != ""
+    return str(value) if ok else None
+
+
+def dataset_specialty(entry: dict) -> tuple[str, str] | None:
+    """(source dataset, clinical specialty) of a video table entry when it names both as text."""
+    dataset, specialty = entry.get("source dataset"), entry.get("clinical specialty")
+    return (dataset, specialty) if isinstance(dataset, str) and isinstance(specialty, str) and dataset and specialty \
+        else None
+
+
+def no_annotations_reason(unmapped: Any) -> str:
+    """Why a release document gives no records at all (`unmapped`: its unmapped-field counts)."""
+    tops = sorted(k.removeprefix("top-level ") for k in unmapped if k.startswith("top-level "))
+    return ("release document without annotations: no top-level list of objects with 'task type' or 'answer'"
+            + (f" (not tables: {', '.join(tops)})" if tops else ""))
 
 
 @dataclass
@@ -265,34 +369,70 @@ def _surgsigma_tables(doc: dict, report: ReadReport) -> tuple[SurgSigmaTables, l
         elif "video path" in first or "image path" in first:
             table = videos if "video path" in first else images
             for entry in entries:
-                if not isinstance(entry, dict) or "id" not in entry:
+                entry_id = table_entry_id(entry)
+                if entry_id is None:
                     report.unmapped_fields[f"{key!r} entry without an id"] += 1
                     continue
-                table[str(entry["id"])] = entry
+                table[entry_id] = entry
                 for name in entry.keys() - KNOWN_TABLE_KEYS:
                     report.unmapped_fields[f"{key!r} entry field {name!r}"] += 1
         else:
             report.unmapped_fields[f"top-level {key!r}"] += 1
     by_dataset: dict[str, set[str]] = {}
     for v in videos.values():
-        if v.get("source dataset") and v.get("clinical specialty"):
-            by_dataset.setdefault(str(v["source dataset"]), set()).add(str(v["clinical specialty"]))
+        if pair := dataset_specialty(v):
+            by_dataset.setdefault(pair[0], set()).add(pair[1])
     unambiguous = {ds: next(iter(s)) for ds, s in by_dataset.items() if len(s) == 1}
     return SurgSigmaTables(videos, images, unambiguous), annos
 
 
+def _task_id(value: Any) -> int:
+    """`task type` 5, "5", 5.0 or [5] -> 5."""
+    raw = _as_list(value)
+    if not raw:
+        raise RecordError("no 'task type'")
+    first = raw[0]
+    if isinstance(first, str) and first.strip().lstrip("-").isdigit():
+        return int(first)
+    if isinstance(first, int) and not isinstance(first, bool):
+        return first
+    if isinstance(first, float) and first.is_integer():
+        return int(first)
+    raise RecordError(f"'task type' {first!r} is not an integer")
+
+
+def _first_text(record: dict, keys: tuple[str, ...]) -> str | None:
+    """The first of `keys` the record has (not null); it must be a string."""
+    key = next((k for k in keys if record.get(k) is not None), None)
+    return None if key is None else _optional_str(record, key)
+
+
+def _table_media(media_id: str, tables: SurgSigmaTables) -> tuple[MediaRef, dict] | None:
+    """The media a table id names, with its video table entry (empty for images); None if no table has it."""
+    if media_id in tables.images:
+        kind, entry = "image", tables.images[media_id]
+    elif media_id in tables.videos:
+        kind, entry = "video", tables.videos[media_id]
+    else:
+        return None
+    path = entry.get(f"{kind} path")
+    if not isinstance(path, str) or not path:
+        raise RecordError(f"{kind} table entry {media_id!r}: '{kind} path' must be a non-empty string, got "
+                          + ("an empty string" if path == "" else _kind(path)))
+    if kind == "image":
+        return MediaRef("image", path), {}
+    for key in TABLE_TEXT_KEYS:
+        _optional_str(entry, key, f"video table entry {media_id!r}: ")
+    return MediaRef("video", path, entry.get("start"), entry.get("end")), entry
+
+
+@_never_raises
 def _read_surgsigma(record: dict, sample_id: str, *, tables: SurgSigmaTables, task_ids: dict[int, str],
                     report: ReadReport) -> Sample | None:
     for key in record:
         if key not in KNOWN_ANNO_KEYS:
             report.unmapped_fields[key] += 1
-    raw_task = _as_list(record.get("task type"))
-    if not raw_task:
-        raise RecordError("no 'task type'")
-    try:
-        task_id = int(raw_task[0])
-    except (TypeError, ValueError):
-        raise RecordError(f"task type {raw_task[0]!r} is not an integer") from None
+    task_id = _task_id(record.get("task type"))
     task_name = task_ids.get(task_id)
     if task_name is None:
         raise RecordError(f"unknown task id {task_id} (known: {sorted(task_ids)}; set data.task_ids)")
@@ -302,34 +442,36 @@ def _read_surgsigma(record: dict, sample_id: str, *, tables: SurgSigmaTables, ta
         return None
     answer = record.get("answer")
     if not isinstance(answer, str) or not answer.strip():
-        raise RecordError("missing or empty 'answer'")
+        raise RecordError("missing or empty 'answer'" + ("" if isinstance(answer, str) else f" (got {_kind(answer)})"))
     # Localization answers get the full box check here; every other answer's special-token boxes are checked
     # once, in _finish, for all readers alike.
     if task is not None and task.answer_kind.startswith("boxes") and (problem := box_problem(answer, expect_boxes=True)):
         raise RecordError(f"quarantined: {problem}")
-    question = next((record[k] for k in QUESTION_KEYS if isinstance(record.get(k), str)), None)
+    question = _first_text(record, QUESTION_KEYS)
     if question is None:
         raise RecordError(f"no question field (looked for {', '.join(QUESTION_KEYS)})")
-    thinking = next((record[k] for k in THINKING_KEYS if isinstance(record.get(k), str)), None)
+    thinking = _first_text(record, THINKING_KEYS)
 
     media, meta = [], {}
     # Standalone annotation records (JSONL, datasets rows) may name their media by path instead of by table id.
-    refs = _as_list(record.get("images")) + _as_list(record.get("image path")) + _as_list(record.get("video path"))
+    refs = []
+    for field_name in ("images", "image path", "video path"):
+        for media_id in _as_list(record.get(field_name)):
+            if isinstance(media_id, bool) or not isinstance(media_id, (str, int)) or media_id == "":
+                raise RecordError(f"{field_name!r} entries must be media ids or paths, got "
+                                  + ("an empty string" if media_id == "" else _kind(media_id)))
+            refs.append(str(media_id))
     for media_id in refs:
-        media_id = str(media_id)
         suffix = Path(media_id).suffix.lower()
-        if media_id in tables.images:
-            media.append(MediaRef("image", str(tables.images[media_id]["image path"])))
-        elif media_id in tables.videos:
-            entry = tables.videos[media_id]
-            media.append(MediaRef("video", str(entry["video path"]), entry.get("start"), entry.get("end")))
-            meta = meta or entry
+        if found := _table_media(media_id, tables):
+            media.append(found[0])
+            meta = meta or found[1]
         elif suffix in _IMAGE_SUFFIXES or suffix in _VIDEO_SUFFIXES:
             media.append(MediaRef("image" if suffix in _IMAGE_SUFFIXES else "video", media_id))
         else:
             raise RecordError(f"references unknown media id {media_id!r}")
     if not media:
-        raise RecordError("references no media")
+        raise RecordError("references no media (no 'images', 'image path' or 'video path')")
     source = meta.get("source dataset") or Path(media[0].path).parts[0]
     messages = _prepend_placeholders([Message("user", question), Message("assistant", answer)], media)
     return _finish(
@@ -406,7 +548,7 @@ class MediaCheck:
                                     if e.is_file())
             except MediaError as exc:  # absolute, or leads out of the data root
                 listing = exc.reason
-            except OSError:  # no such folder
+            except (OSError, ValueError):  # no such folder, or a name the OS refuses (a NUL byte)
                 listing = frozenset()
             self._listings[folder] = listing
         if isinstance(listing, str):
@@ -470,6 +612,9 @@ def read_records(records: list[tuple[str, Any]], report: ReadReport, fmt: str, t
         if len(docs) == 1 and "task type" not in docs[0]:  # one release document with tables
             tables, annos = _surgsigma_tables(docs[0], report)
             records = [(f"annos#{i}", a) for i, a in enumerate(annos)]
+            if not annos:
+                report.records += 1
+                report.bad.append(BadRecord(where, "#document", no_annotations_reason(report.unmapped_fields)))
         else:  # standalone annotation records: media named by path
             tables = SurgSigmaTables({}, {}, {})
         context = {"tables": tables, "task_ids": task_ids, "report": report}
@@ -483,7 +628,11 @@ def read_records(records: list[tuple[str, Any]], report: ReadReport, fmt: str, t
         if not isinstance(record, dict):
             report.bad.append(BadRecord(where, position, f"record is a {type(record).__name__}, not an object"))
             continue
-        sample_id = str(record.get("id", f"{Path(where).name}:{position}"))
+        try:
+            sample_id = record_id(record, f"{Path(where).name}:{position}")
+        except RecordError as exc:
+            report.bad.append(BadRecord(where, position, str(exc)))
+            continue
         if sample_id in seen:
             report.bad.append(BadRecord(where, sample_id, "duplicate id"))
             continue
