@@ -25,7 +25,7 @@ from surgsigma_train.data.boxes import BoxError, render_answer
 from surgsigma_train.data.media import MediaError, load_image, resolve_media_path
 from surgsigma_train.data.sample import IMAGE_PLACEHOLDER, VIDEO_PLACEHOLDER, MediaRef, Sample
 from surgsigma_train.data.tasks import get_task
-from surgsigma_train.data.video import FileIdentity, FrameCache, load_clip, probe, select_frames
+from surgsigma_train.data.video import FileIdentity, FrameCache, load_clip, probe, probe_in_subprocess, select_frames
 from surgsigma_train.data.video.cache import Resize
 from surgsigma_train.data.video.planning import (BudgetDecision, PlanningError, VideoPlan, VideoRequest,
                                                  count_text_tokens, fit_to_budget, plan_image,
@@ -194,10 +194,18 @@ class SampleEncoder:
     _MAX_PROBED_FILES = 4096
 
     def _probe(self, path: Path) -> VideoMeta:
+        """The file's container metadata, probed once per file identity. With ``video.isolate`` the probe runs in
+        the decoder child process like the decode, bounded by ``video.decode_timeout_s``: a probe that crashes or
+        hangs raises ``DecoderCrashedError`` / ``DecoderTimeoutError`` (``VideoError``s naming the file), so it
+        costs this sample only."""
         identity = FileIdentity.of(path)
         meta = self._metas.get(identity)
         if meta is None:
-            meta = probe(path, self.video_cfg.backend)
+            if self.video_cfg.isolate:
+                meta = probe_in_subprocess(path, timeout_s=self.video_cfg.decode_timeout_s,
+                                           backend=self.video_cfg.backend)
+            else:
+                meta = probe(path, self.video_cfg.backend)
             self._metas[identity] = meta
             if len(self._metas) > self._MAX_PROBED_FILES:
                 self._metas.popitem(last=False)

@@ -149,3 +149,60 @@ def test_works_in_a_forked_daemonic_worker(videos):
         assert decoder.probe(videos["cfr"]).num_frames == 60 and decoder.pid == parent_child  # parent unaffected
     finally:
         decoder.close()
+
+
+def test_encoder_probe_is_isolated_with_the_timeout(videos, tmp_path, faulty_decoder, monkeypatch):
+    """video.isolate: the metadata probe of encoding runs in the decoder child too, bounded by decode_timeout_s.
+    The fault injection lives only in the child: the parent's decoders are replaced by ones that refuse, so a probe
+    in this process fails the test instead of crashing it."""
+    from surgsigma_train.config.schema import DataConfig, VideoConfig
+    from surgsigma_train.data import encode as encode_module
+    from surgsigma_train.data.encode import DroppedSample, EncodedSample, SampleEncoder
+    from surgsigma_train.data.loader import SFTDataset
+    from surgsigma_train.data.sample import MediaRef, Message, Sample
+    from surgsigma_train.data.video import decoders, isolation
+    from surgsigma_train.models.registry import get_family
+
+    def in_this_process(*args, **kwargs):
+        raise AssertionError(f"a video was opened in the test process: {args}")
+
+    monkeypatch.setattr(encode_module, "probe", in_this_process)
+    monkeypatch.setattr(decoders, "open_video", in_this_process)
+    monkeypatch.setattr(isolation, "_default", faulty_decoder)  # video.isolate=true uses this process's decoder
+
+    root = tmp_path / "media"
+    root.mkdir()
+    for name in ("good.mp4", "segv.mp4", "hang.mp4"):
+        _copy(videos, root, name)
+    family = get_family("qwen2_5_vl")
+    small = dict(image_min_pixels=28 * 28, image_max_pixels=56 * 56, video_min_pixels=28 * 28, video_max_pixels=56 * 56)
+    encoder = SampleEncoder(family.build_processor("tiny", **small), family, DataConfig(train=[{"path": "x"}]),
+                            VideoConfig(sampling={"num_frames": 4}, isolate=True, decode_timeout_s=1.5, **small))
+
+    def sample(name: str) -> Sample:
+        return Sample(id=f"s-{name}", task="phase_recognition", media_root=str(root), media=(MediaRef("video", name),),
+                      messages=(Message("user", "<video>What phase?"), Message("assistant", "Preparation.")))
+
+    # the probe alone, as planning does it: a crash or a hang of the probe is a VideoError naming the file
+    with pytest.raises(DecoderCrashedError) as crashed:
+        encoder._probe(root / "segv.mp4")
+    assert crashed.value.path == str(root / "segv.mp4") and "SIGSEGV" in crashed.value.reason
+    encoder._probe(root / "good.mp4")  # a warm child, so the timeout below measures the hang only
+    started = time.monotonic()
+    with pytest.raises(DecoderTimeoutError) as hung:
+        encoder._probe(root / "hang.mp4")
+    assert hung.value.path == str(root / "hang.mp4") and hung.value.reason.startswith("timed out after 1.5 s")
+    assert 1.4 <= time.monotonic() - started < 10
+
+    # in the dataset: each bad file costs its own sample, with the reason; the others encode
+    encoder._metas.clear()
+    dataset = SFTDataset([sample("segv.mp4"), sample("good.mp4"), sample("hang.mp4"), sample("good.mp4")], encoder)
+    started = time.monotonic()
+    got = [dataset[i] for i in range(4)]
+    assert time.monotonic() - started < 30
+    assert isinstance(got[0], DroppedSample) and got[0].id == "s-segv.mp4"
+    assert got[0].reason == f"{root / 'segv.mp4'}: decoder crashed with signal 11 (SIGSEGV)"
+    assert isinstance(got[2], DroppedSample) and got[2].id == "s-hang.mp4"
+    assert got[2].reason.startswith(f"{root / 'hang.mp4'}: timed out after 1.5 s")
+    assert isinstance(got[1], EncodedSample) and isinstance(got[3], EncodedSample)
+    assert got[1].vision["video_grid_thw"][0, 0] == 2  # 4 frames, temporal patches of 2
