@@ -114,14 +114,15 @@ def _cmd_data_index(args: argparse.Namespace) -> int:
     from surgsigma_train.config.schema import DEFAULT_TASK_IDS
     from surgsigma_train.data.index import build_index
 
-    task_ids = dict(DEFAULT_TASK_IDS)
-    for pair in args.task_ids:  # ID=NAME entries replace the default numbering's; ID= removes one
-        tid, sep, name = pair.partition("=")
-        if not sep or not tid.strip().isdigit():
+    # Given entries are the whole map, as data.task_ids in a recipe is: the same entries in both agree.
+    task_ids = {} if args.task_ids else dict(DEFAULT_TASK_IDS)
+    for pair in args.task_ids:
+        tid, sep, name = (part.strip() for part in pair.partition("="))
+        if not sep or not tid.isdigit() or not name:
             raise DataError(f"--task-ids entry {pair!r} is not ID=NAME")
-        task_ids.pop(int(tid), None)
-        if name:
-            task_ids[int(tid)] = name
+        if int(tid) in task_ids:
+            raise DataError(f"--task-ids gives id {int(tid)} twice")
+        task_ids[int(tid)] = name
     manifest = build_index(args.source, args.out_dir, task_ids, fmt=args.format, media_root=args.media_root,
                            check_media=not args.no_check_media, shard_rows=args.shard_rows)
     summary = {k: v for k, v in manifest["report"].items() if k != "bad"}
@@ -205,7 +206,8 @@ def build_parser() -> argparse.ArgumentParser:
     index.add_argument("source", help="SurgΣ-DB release JSON, JSON list or JSONL")
     index.add_argument("out_dir", help="index directory (a recipe data source path may name it)")
     index.add_argument("--task-ids", nargs="*", default=[], metavar="ID=NAME",
-                       help="task numbering changes to the default (as data.task_ids in the recipe)")
+                       help="the task-id map, whole: the entries given replace the default 18-id map (ids not "
+                       "listed are unknown), exactly as data.task_ids does in a recipe, whose map must equal this one")
     index.add_argument("--format", default="auto", choices=["auto", "surgsigma", "llava", "openai"])
     index.add_argument("--media-root", default=None, help="default: the source's folder, or its raw_data/")
     index.add_argument("--no-check-media", action="store_true",

@@ -97,7 +97,10 @@ class MixtureConfig(Strict):
 class DataConfig(Strict):
     train: list[DataSource] = Field(min_length=1)
     eval: list[DataSource] = []
-    task_ids: dict[int, str] = Field(default_factory=lambda: dict(DEFAULT_TASK_IDS))
+    task_ids: dict[int, str] = Field(
+        default_factory=lambda: dict(DEFAULT_TASK_IDS), description="data task id -> task name; a map given here "
+        "replaces the default 18-id map whole (ids it does not list are unknown), as `data index --task-ids` does; "
+        "an index source must have been built with the same map")
     reasoning: Literal["plain", "reasoning", "mix"] = Field(
         "plain", description="targets: plain answers, <think>..</think><answer>..</answer>, or a mix"
     )

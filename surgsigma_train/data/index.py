@@ -650,16 +650,29 @@ class ConcatSamples(_RowView):
         return self._fingerprint_of_selection(hashlib.sha256("".join(parts).encode()).hexdigest()[:16])
 
 
+def task_id_differences(index_ids: dict[int, str], recipe_ids: dict[int, str]) -> list[str]:
+    """The entries in which two task-id maps differ, by id, e.g. "id 9 only in recipe ('triplet_recognition')"."""
+    out = []
+    for tid in sorted(index_ids.keys() | recipe_ids.keys()):
+        if tid not in recipe_ids:
+            out.append(f"id {tid} only in index ({index_ids[tid]!r})")
+        elif tid not in index_ids:
+            out.append(f"id {tid} only in recipe ({recipe_ids[tid]!r})")
+        elif index_ids[tid] != recipe_ids[tid]:
+            out.append(f"id {tid}: index {index_ids[tid]!r} vs recipe {recipe_ids[tid]!r}")
+    return out
+
+
 def open_index_source(path: Path, task_ids: dict[int, str],
                       source: DataSource) -> tuple[SampleIndex, list[ReadReport]]:
     """A recipe data source whose path is an index directory (see `readers.read_source`)."""
     index = SampleIndex(path, media_root=source.media_root, limit=source.max_samples,
                         sampling=source.video.model_dump() if source.video is not None else None)
     params = index.manifest["params"]
-    wanted = {str(k): v for k, v in sorted(task_ids.items())}
-    if params["task_ids"] != wanted:
-        raise DataError(f"index {path} was built with task_ids {params['task_ids']}, the recipe says {wanted}: "
-                        "rebuild it with matching --task-ids")
+    if differences := task_id_differences({int(k): v for k, v in params["task_ids"].items()}, task_ids):
+        raise DataError(f"index {path} was built with other task_ids than the recipe's data.task_ids: "
+                        f"{'; '.join(differences)}. Rebuild it with --task-ids listing the recipe's map (both "
+                        "replace the default map whole), or set data.task_ids to the index's map")
     if source.check_media and not params["check_media"]:
         raise DataError(f"index {path} was built without media checks (--no-check-media) but its data source "
                         "asks for them: rebuild it with media checks, or set `check_media: false` on the source")

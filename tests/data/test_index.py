@@ -1,5 +1,6 @@
 import json
 import pickle
+import re
 
 import numpy as np
 import pytest
@@ -214,3 +215,47 @@ def test_split_of_an_index_matches_a_list(tmp_path, release):
     got_train, got_eval, got_report = apply_split(cfg, index, index.select(np.arange(0)))  # eval: an index too
     assert isinstance(got_train, SampleIndex) and want_eval and want_train  # a view, not a list
     assert list(got_train) == want_train and got_eval == want_eval and got_report == want_report
+
+
+# Eight entries, covering the task types of `_awkward_release` (5, 7, 8, 13) and a few more.
+EIGHT_TASK_IDS = {3: "phase_recognition", 5: "phase_recognition", 7: "desmoking", 8: "action_recognition",
+                  11: "safety_assessment", 12: "image_captioning", 13: "video_captioning", 15: "next_action_planning"}
+
+
+def _recipe_reading(index_dir, task_ids):
+    from pathlib import Path
+
+    from surgsigma_train.config.loading import load_recipe
+
+    flow = "{" + ", ".join(f"{k}: {v}" for k, v in task_ids.items()) + "}"
+    recipe = Path(__file__).resolve().parents[2] / "recipes" / "demo.yaml"
+    cfg = load_recipe(recipe, [f"data.train=[{{path: {index_dir}, check_media: false}}]", "data.eval=[]",
+                               f"data.task_ids={flow}"])
+    assert cfg.data.task_ids == task_ids  # the recipe's map is exactly the entries given
+    return read_samples(cfg.data.train, cfg.data.task_ids)
+
+
+def test_the_same_task_ids_on_the_cli_and_in_the_recipe_agree(tmp_path, release):
+    out = tmp_path / "idx"
+    pairs = [f"{k}={v}" for k, v in EIGHT_TASK_IDS.items()]
+    assert main(["data", "index", str(release), str(out), "--no-check-media", "--task-ids", *pairs]) == 0
+    assert SampleIndex(out).manifest["params"]["task_ids"] == {str(k): v for k, v in EIGHT_TASK_IDS.items()}
+    got, _ = _recipe_reading(out, EIGHT_TASK_IDS)
+    expected, _ = read_file(release, "auto", EIGHT_TASK_IDS, tmp_path, check_media=False)
+    assert [s.id for s in got] == [s.id for s in expected] and len(got) > 0
+
+    differing = {**EIGHT_TASK_IDS, 3: "step_recognition", 9: "triplet_recognition"}
+    del differing[15]
+    with pytest.raises(DataError) as err:
+        _recipe_reading(out, differing)
+    message = str(err.value)
+    assert "id 3: index 'phase_recognition' vs recipe 'step_recognition'" in message
+    assert "id 9 only in recipe ('triplet_recognition')" in message
+    assert "id 15 only in index ('next_action_planning')" in message
+    assert {int(i) for i in re.findall(r"\bid (\d+)", message)} == {3, 9, 15}  # the differing entries, no others
+
+
+def test_task_ids_on_the_cli_must_be_id_equals_name(tmp_path, release, capsys):
+    for bad in (["5=phase_recognition", "5=step_recognition"], ["5="], ["x=phase_recognition"]):
+        assert main(["data", "index", str(release), str(tmp_path / "idx"), "--no-check-media", "--task-ids", *bad]) == 3
+        assert "--task-ids" in capsys.readouterr().err
