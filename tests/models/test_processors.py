@@ -8,6 +8,8 @@ import json
 import numpy as np
 import pytest
 import torch
+import transformers
+from packaging.version import Version
 
 from surgsigma_train.models import get_family, known_families
 
@@ -95,8 +97,12 @@ def test_qwen3_timestamps_from_metadata(processor_for, conversation, media):
         "3.2",
     ]
     ids = outputs["input_ids"][0]
-    # one <|vision_start|> ... <|vision_end|> per temporal patch, plus the template's outer pair per medium
-    assert int((ids == VISION_START).sum()) == 4 + 2 and int((ids == VISION_END).sum()) == 4 + 2
+    # one <|vision_start|> ... <|vision_end|> per temporal patch, plus the template's outer pair around the image;
+    # transformers up to 5.24 also kept the outer pair around the video, 5.25 collapses it (the planner follows
+    # whatever the installed processor emits: tests/data/video/test_video_planning.py)
+    video_outer_pairs = 0 if Version(transformers.__version__) >= Version("5.25") else 1
+    assert int((ids == VISION_START).sum()) == 4 + 1 + video_outer_pairs
+    assert int((ids == VISION_END).sum()) == 4 + 1 + video_outer_pairs
     assert media[2] == metadata_before
 
 

@@ -5,15 +5,19 @@ Planning
 ``plan_video(meta, frame_indices, family, processor, min_pixels=, max_pixels=)`` says, from container metadata
 alone (frame count, fps, width, height, frame times) and the chosen frames, before anything is decoded, exactly
 what the processor will make of the clip: ``grid_thw``, the resized height and width, the rows of
-``pixel_values_videos`` and ``num_tokens``, the number of ``input_ids`` the media span occupies: from the chat
-template's ``<|vision_start|>`` to its ``<|vision_end|>`` inclusive, with Qwen3-VL's ``<t seconds>`` text and
-vision start/end pair per temporal patch. ``plan_image`` does the same for an image. Nothing is re-derived here:
+``pixel_values_videos`` and ``num_tokens``, the number of ``input_ids`` the media span occupies: whatever the
+processor makes of the chat template's ``<|vision_start|><|video_pad|><|vision_end|>`` (with Qwen3-VL's
+``<t seconds>`` text and one vision start/end pair per temporal patch). ``plan_image`` does the same for an
+image. Nothing is re-derived here:
 
 * sizes come from the processors' own resize rules (``QwenVideoProcessor.planned_grid_thw``,
   ``QwenImageProcessor.resized_size``, i.e. transformers' ``smart_resize`` with the processor's settings);
 * the span text is the processor's own ``replace_video_token`` / ``replace_image_token`` applied to the planned
   grid and to the ``ClipVideoMetadata`` the data layer will pass (``video_metadata_for_frames`` here,
-  ``video_metadata_for_clip`` after decoding: the same times, so the same text);
+  ``video_metadata_for_clip`` after decoding: the same times, so the same text), put in place of the wrapped
+  placeholder by the processor's own ``get_text_with_replacements``. The layout around the replacement is the
+  installed transformers' and never hand-kept: up to 5.24 Qwen3-VL kept the template's outer
+  ``<|vision_start|>``/``<|vision_end|>`` around its per-patch pairs; 5.25 collapses it (2 tokens fewer a video);
 * its length is counted by the processor's tokenizer. Media tokens are special tokens, so a span tokenises the
   same alone as inside a conversation, and ``count_text_tokens`` gives the rest of the sample::
 
@@ -71,6 +75,7 @@ file) raise ``PlanningError`` from ``plan_*`` and become a drop with that reason
 from __future__ import annotations
 
 import re
+import weakref
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Literal
@@ -223,12 +228,15 @@ class _Planner:
 
     # -- spans
     def _count_span_tokens(self, replacement: str, pad_token: str) -> int:
-        """Tokens of ``<|vision_start|>`` + replacement + ``<|vision_end|>``, counted by the tokenizer.
+        """Tokens the wrapped placeholder ``<|vision_start|>`` + pad + ``<|vision_end|>`` becomes, counted by the
+        tokenizer after the processor's own text expansion (which decides what happens to the wrapper).
 
         Runs of the (special, single-token) pad are collapsed before tokenising and added back by count: a
         12k-pad span then costs a 30-token tokenisation. Special tokens split the text, so this is exact.
         """
-        text = VISION_START + replacement + VISION_END
+        replacements = {"images_replacements" if pad_token == self.processor.image_token else "videos_replacements":
+                        [replacement]}
+        (text,), _ = self.processor.get_text_with_replacements([VISION_START + pad_token + VISION_END], **replacements)
         pad_run = re.compile(f"(?:{re.escape(pad_token)})+")
         runs = pad_run.findall(text)
         num_pads = sum(len(run) for run in runs) // len(pad_token)
@@ -395,12 +403,17 @@ def count_text_tokens(text: str, processor: Any) -> int:
 
     ``text`` as our chat templates render it, with one ``<|vision_start|><|image_pad|><|vision_end|>`` (or
     ``<|video_pad|>``) per medium; the sample then has ``count_text_tokens(text) + sum(plan.num_tokens)`` tokens.
+
+    Counted on the processor's own expansion of ``text`` with the smallest media, minus those media's own span
+    tokens: a span that starts with plain text (Qwen3-VL videos on transformers >= 5.25 start with
+    ``<t seconds>``, the outer ``<|vision_start|>`` collapsed) can merge with the text before it (``" at "`` +
+    ``"<0.5"`` tokenises as ``" at"``, ``" <"``...), so the text alone would be one token off. Only the span's
+    first characters take part in that merge, and they do not depend on the media's size or times.
     """
     tokenizer = processor.tokenizer
     input_ids = tokenizer(text, add_special_tokens=False)["input_ids"]
     start_id, end_id = tokenizer.convert_tokens_to_ids([VISION_START, VISION_END])
     pad_ids = set(tokenizer.convert_tokens_to_ids([processor.image_token, processor.video_token]))
-    num_media = 0
     for position, token_id in enumerate(input_ids):
         if token_id not in pad_ids:
             continue
@@ -411,8 +424,43 @@ def count_text_tokens(text: str, processor: Any) -> int:
             raise PlanningError(
                 f"a media placeholder at token {position} is not wrapped in {VISION_START}..{VISION_END}"
             )
-        num_media += 1
-    return len(input_ids) - 3 * num_media
+    num_images, num_videos = text.count(processor.image_token), text.count(processor.video_token)
+    if not num_images and not num_videos:
+        return len(input_ids)
+    image, video = _smallest_media_replacements(processor)
+    expanded = processor.get_text_with_replacements(
+        [text], images_replacements=[image] * num_images, videos_replacements=[video] * num_videos
+    )[0][0]
+    span_tokens = {}
+    for kind, replacement in (("image", image), ("video", video)):
+        wrapped = VISION_START + getattr(processor, f"{kind}_token") + VISION_END
+        alone = processor.get_text_with_replacements([wrapped], **{f"{kind}s_replacements": [replacement]})[0][0]
+        span_tokens[kind] = len(tokenizer(alone, add_special_tokens=False)["input_ids"])
+    expanded_tokens = len(tokenizer(expanded, add_special_tokens=False)["input_ids"])
+    return expanded_tokens - num_images * span_tokens["image"] - num_videos * span_tokens["video"]
+
+
+def _smallest_media_replacements(processor: Any) -> tuple[str, str]:
+    """The processor's replacement text for a one-patch image and a one-temporal-patch video (cached)."""
+    cached = _SMALLEST_REPLACEMENTS.get(processor)
+    if cached is None:
+        merge = processor.video_processor.merge_size
+        grid = torch.tensor([[1, merge, merge]])
+        frames = processor.video_processor.temporal_patch_size
+        metadata = ClipVideoMetadata(
+            total_num_frames=frames, fps=1.0, width=merge, height=merge, duration=float(frames),
+            frames_indices=list(range(frames)), frame_times_s=[float(index) for index in range(frames)],
+        )
+        cached = (
+            processor.replace_image_token({"image_grid_thw": grid}, image_idx=0),
+            processor.replace_video_token({"video_grid_thw": grid, "video_metadata": [metadata]}, video_idx=0),
+        )
+        _SMALLEST_REPLACEMENTS[processor] = cached
+    return cached
+
+
+# not an attribute of the processor: save_pretrained would write it into processor_config.json
+_SMALLEST_REPLACEMENTS: weakref.WeakKeyDictionary[Any, tuple[str, str]] = weakref.WeakKeyDictionary()
 
 
 # ---- token cap ---------------------------------------------------------------------------------------------------

@@ -56,14 +56,15 @@ def size_kwargs(min_pixels: int, max_pixels: int) -> dict:
     return {"size": {"shortest_edge": min_pixels, "longest_edge": max_pixels}, "input_data_format": "channels_last"}
 
 
-def span_bounds(input_ids: list[int], start: int) -> tuple[int, int]:
-    """[first, last] token of the media span opening at `start` (Qwen3-VL nests one start/end pair per patch)."""
-    depth = 0
-    for position in range(start, len(input_ids)):
-        depth += {VISION_START: 1, VISION_END: -1}.get(input_ids[position], 0)
-        if depth == 0:
-            return start, position
-    raise AssertionError("unterminated media span")
+def media_span_tokens(processor, placeholder: str, **media) -> int:
+    """Tokens one wrapped placeholder becomes in the processor's own output, whatever layout the installed
+    transformers gives it (5.25 collapses Qwen3-VL's outer vision start/end pair; 5.24 kept it): the processed
+    turn minus the same turn without the placeholder. Special tokens split the text, so the rest tokenises alike.
+    """
+    turn = "<|im_start|>user\n{}<|im_end|>"
+    with_media = processor(text=[turn.format(placeholder)], return_tensors="pt", **media)["input_ids"].shape[1]
+    without = len(processor.tokenizer(turn.format(""), add_special_tokens=False)["input_ids"])
+    return with_media - without
 
 
 # ---- random cases ------------------------------------------------------------------------------------------------
@@ -189,21 +190,25 @@ def test_planned_tokens_equal_processor_tokens(family):
             continue
 
         # -- one conversation with both: spans, grids, pixel rows, total length
-        text = f"<|im_start|>user\nLook {IMAGE} then at {VIDEO} please.<|im_end|>\n"
+        # the text right before a medium varies: a span that starts with plain text can merge with it
+        before_video = ["", " ", "\n", " then at ", "x", "  \n "][int(rng.integers(0, 6))]
+        text = f"<|im_start|>user\nLook {IMAGE}{before_video}{VIDEO} please.<|im_end|>\n"
         outputs = processor(
             text=[text], images=[image_HWC], videos=[frames_THWC], video_metadata=[metadata], return_tensors="pt",
             **media_kwargs,
         )
         input_ids = outputs["input_ids"][0].tolist()
-        image_span = span_bounds(input_ids, input_ids.index(VISION_START))
-        video_span = span_bounds(input_ids, input_ids.index(VISION_START, image_span[1] + 1))
         video_plan, image_plan = plans["video"], plans["image"]
         actual = {
-            "video_tokens": video_span[1] - video_span[0] + 1,
+            "video_tokens": media_span_tokens(
+                processor, VIDEO, videos=[frames_THWC], video_metadata=[metadata], videos_kwargs=media_kwargs["videos_kwargs"]
+            ),
             "video_grid": tuple(outputs["video_grid_thw"][0].tolist()),
             "video_rows": outputs["pixel_values_videos"].shape[0],
             "video_pads": input_ids.count(VIDEO_PAD),
-            "image_tokens": image_span[1] - image_span[0] + 1,
+            "image_tokens": media_span_tokens(
+                processor, IMAGE, images=[image_HWC], images_kwargs=media_kwargs["images_kwargs"]
+            ),
             "image_grid": tuple(outputs["image_grid_thw"][0].tolist()),
             "image_rows": outputs["pixel_values"].shape[0],
             "image_pads": input_ids.count(IMAGE_PAD),
