@@ -20,7 +20,10 @@ from typing import Any, Callable
 import numpy as np
 import torch
 
+from surgsigma_train.errors import ConfigError
+
 COMMIT_MARKER = "COMMITTED"
+TRAIN_VIDEOS = "train_videos.json"  # the source videos a checkpoint was trained on (eval's leakage guard)
 _STEP_RE = re.compile(r"^step-(\d+)$")
 
 
@@ -177,4 +180,55 @@ def weights_dir(path: Path) -> tuple[str, Path]:
     for kind in ("adapter", "model"):
         if (path / kind).is_dir():
             return kind, path / kind
-    raise FileNotFoundError(f"{path} holds neither model/ nor adapter/ weights")
+    raise ConfigError(f"{path} holds neither model/ nor adapter/ weights: not a checkpoint of this trainer")
+
+
+# What a checkpoint's weights are tied to: another value builds a model its weights and optimizer state do not fit.
+MODEL_KEYS = ("model.family", "model.source", "lora.enabled", "train.freeze_vision", "train.freeze_projector",
+              "train.freeze_language")
+LORA_SHAPE_KEYS = ("lora.rank", "lora.alpha", "lora.target_modules", "lora.dora")
+
+
+def _lookup(tree: Any, dotted: str) -> Any:
+    for part in dotted.split("."):
+        tree = tree.get(part) if isinstance(tree, dict) else None
+    return tree
+
+
+def _same(key: str, saved: Any, now: Any) -> bool:
+    if key == "model.source" and isinstance(saved, str) and isinstance(now, str) and saved != now:
+        return Path(saved).exists() and Path(now).exists() and Path(saved).resolve() == Path(now).resolve()
+    if key == "lora.alpha" and saved is not None and now is not None:
+        return float(saved) == float(now)
+    return saved == now
+
+
+def model_changes(saved_recipe: dict[str, Any], current: dict[str, Any]) -> list[tuple[str, Any, Any]]:
+    """(key, saved value, current value) of every model-defining key that differs between two resolved recipes."""
+    keys = list(MODEL_KEYS)
+    if _lookup(saved_recipe, "lora.enabled") and _lookup(current, "lora.enabled"):
+        keys += LORA_SHAPE_KEYS
+        keys.remove("train.freeze_language")  # with LoRA the base language model is frozen either way
+    return [(k, _lookup(saved_recipe, k), _lookup(current, k)) for k in keys
+            if not _same(k, _lookup(saved_recipe, k), _lookup(current, k))]
+
+
+def check_same_model(checkpoint: Path, cfg: Any, kind: str | None = None) -> None:
+    """Refuse (exit 2) to resume a checkpoint into a different model: the key, both values, what to do."""
+    import yaml
+
+    kind = kind or weights_dir(checkpoint)[0]
+    try:
+        saved = yaml.safe_load((checkpoint / "recipe.yaml").read_text())
+    except (OSError, yaml.YAMLError):
+        saved = None
+    if isinstance(saved, dict):
+        changes = model_changes(saved, cfg.model_dump(mode="json"))
+    else:  # no recipe saved with it: at least the kind of weights must fit
+        changes = [("lora.enabled", kind == "adapter", cfg.lora.enabled)] if (kind == "adapter") != cfg.lora.enabled else []
+    if changes:
+        listed = "; ".join(f"{k}: {saved_v!r} in the checkpoint, {now!r} now" for k, saved_v, now in changes)
+        raise ConfigError(
+            f"cannot resume from {checkpoint}: the model changed ({listed}). Its weights and optimizer state only "
+            f"fit the model they were trained as. Set {', '.join(k for k, _, _ in changes)} back, or start a fresh "
+            "run (train.resume=never, or another output.dir).")

@@ -11,6 +11,7 @@ import importlib.metadata
 import json
 import platform
 import subprocess
+from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Sequence
@@ -26,7 +27,7 @@ from surgsigma_train.data.readers import ReadReport, read_source
 from surgsigma_train.data.mixture import Mixture, format_mixture
 from surgsigma_train.data.sample import Sample
 from surgsigma_train.data.splits import SampleColumns, check_disjoint, format_split, split_indices
-from surgsigma_train.errors import DataError
+from surgsigma_train.errors import ConfigError, DataError
 from surgsigma_train.models.family import ModelFamily
 from surgsigma_train.models.registry import get_family
 from surgsigma_train.training import checkpoint as ckpt
@@ -82,6 +83,75 @@ def format_report(reports: list[ReadReport]) -> str:
     return "\n".join(lines)
 
 
+def _preflight_counts(run_dir: Path, reports: list[ReadReport]) -> tuple[int, int, list[tuple[int, str, str]]] | None:
+    """(records, bad, [(count, reason kind, example)]) of `validate`'s preflight/summary.json, if it describes
+    these very data files: the same files with the same record counts, written after every one of them changed.
+    It counts what reading cannot see (media probes, token budget); a stale or foreign one is ignored."""
+    summary_path = run_dir / "preflight" / "summary.json"
+    try:
+        summary = json.loads(summary_path.read_text())
+        files = {(f["file"], f["records"]) for f in summary["files"]}
+        newest_data = max(Path(r.file).stat().st_mtime for r in reports)
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
+    if files != {(r.file, max(r.records, len(r.bad))) for r in reports} or summary_path.stat().st_mtime < newest_data:
+        return None
+    examples: dict[str, str] = {}
+    try:
+        for line in (run_dir / "preflight" / "bad_samples.jsonl").read_text().splitlines():
+            row = json.loads(line)
+            from surgsigma_train.data.preflight import reason_kind
+
+            examples.setdefault(reason_kind(row["reason"]), f"{row['id']} {row.get('media') or row['file']}")
+    except (OSError, ValueError, KeyError):
+        pass
+    reasons = sorted(((n, kind, examples.get(kind, "")) for kind, n in summary.get("bad_reasons", {}).items()),
+                     reverse=True)
+    return int(summary["records"]), int(summary["bad"]), reasons
+
+
+def check_bad_fraction(cfg: RecipeConfig, reports: list[ReadReport], run_dir: Path) -> None:
+    """`train` applies `validate`'s rule before anything is built: above data.max_bad_fraction bad records
+    (train and eval data together, as `validate` counts them) it stops with exit 3, the counts and the top
+    reasons. The numbers are the readers' (what reading found), or the preflight's when `validate` wrote one
+    for these data files (it also probed the media)."""
+    from surgsigma_train.data.preflight import reason_kind
+
+    if not reports:
+        return
+    bad = [b for r in reports for b in r.bad]
+    records, n_bad = sum(max(r.records, len(r.bad)) for r in reports), len(bad)
+    kinds = Counter(reason_kind(b.reason) for b in bad)
+    reasons = [(n, kind, next(f"{b.record} {b.file}" for b in bad if reason_kind(b.reason) == kind))
+               for kind, n in kinds.most_common()]
+    origin = "read-time report"
+    preflight = _preflight_counts(run_dir, reports)
+    if preflight is not None and preflight[1] >= n_bad:
+        records, n_bad, reasons = preflight
+        origin = f"preflight {run_dir / 'preflight' / 'summary.json'}"
+    fraction = n_bad / records if records else 0.0
+    limit = cfg.data.max_bad_fraction
+    if fraction <= limit:
+        if n_bad:
+            print(f"bad records: {n_bad} of {records} ({fraction:.2%}), within data.max_bad_fraction {limit:.2%}")
+        return
+    lines = [f"{n_bad} of {records} records are bad ({fraction:.2%}, {origin}), above data.max_bad_fraction "
+             f"{limit:.2%} (the rule `validate` applies); training not started. Top reasons:"]
+    lines += [f"  {n:>6} x {kind}   (e.g. {example})" for n, kind, example in reasons[:5]]
+    if len(reasons) > 5:
+        lines.append(f"  ... {len(reasons) - 5} more kinds")
+    lines.append(f"Every bad record is in {run_dir / 'bad_samples.jsonl'}. Fix the data, or raise "
+                 "data.max_bad_fraction to train on the rest.")
+    raise DataError("\n".join(lines))
+
+
+def write_bad_samples(run_dir: Path, reports: list[ReadReport]) -> None:
+    with (run_dir / "bad_samples.jsonl").open("w") as fh:
+        for r in reports:
+            for bad in r.bad:
+                fh.write(json.dumps({"file": bad.file, "id": bad.record, "reason": bad.reason}) + "\n")
+
+
 def _git_commit() -> str | None:
     try:
         out = subprocess.run(["git", "rev-parse", "HEAD"], cwd=Path(__file__).parent, capture_output=True,
@@ -123,6 +193,14 @@ class RunContext:
     data_fingerprint: str = ""
     mixture: Mixture | None = None  # the training data's per-epoch sampling (None when need_train=False)
     split_report: dict[str, Any] | None = None
+    _train_videos: list[str] | None = None
+
+    @property
+    def train_videos(self) -> list[str]:
+        """The source videos (split keys) trained on; `eval` refuses to score a checkpoint on them."""
+        if self._train_videos is None:
+            self._train_videos = sorted(set(sample_columns(self.train_samples).split_key.tolist()))
+        return self._train_videos
 
     @property
     def pad_token_id(self) -> int:
@@ -131,16 +209,22 @@ class RunContext:
 
     def checkpoint_files(self) -> dict[str, str]:
         return {"recipe.yaml": dump_recipe(self.cfg),
-                "vision_spec.json": json.dumps(vision_spec(self.cfg, self.processor), indent=2, default=str)}
+                "vision_spec.json": json.dumps(vision_spec(self.cfg, self.processor), indent=2, default=str),
+                ckpt.TRAIN_VIDEOS: json.dumps({"data_fingerprint": self.data_fingerprint,
+                                              "videos": self.train_videos}, indent=1)}
 
 
 def build_processor(cfg: RecipeConfig, family: ModelFamily) -> Any:
     v = cfg.video
-    return family.build_processor(
-        cfg.model.source, image_min_pixels=v.image_min_pixels, image_max_pixels=v.image_max_pixels,
-        video_min_pixels=v.video_min_pixels, video_max_pixels=v.video_max_pixels,
-        vision_backend=cfg.model.vision_backend, trust_remote_code=cfg.model.trust_remote_code,
-    )
+    try:
+        return family.build_processor(
+            cfg.model.source, image_min_pixels=v.image_min_pixels, image_max_pixels=v.image_max_pixels,
+            video_min_pixels=v.video_min_pixels, video_max_pixels=v.video_max_pixels,
+            vision_backend=cfg.model.vision_backend, trust_remote_code=cfg.model.trust_remote_code,
+        )
+    except OSError as exc:  # not a model directory / hub id, or a directory without a tokenizer or processor
+        raise ConfigError(f"model.source {cfg.model.source!r}: cannot load the {cfg.model.family} processor from "
+                          f"it ({str(exc).splitlines()[0] if str(exc) else type(exc).__name__})") from exc
 
 
 def apply_split(cfg: RecipeConfig, train: list[Sample], evals: list[Sample]
@@ -177,6 +261,10 @@ def prepare_run(cfg: RecipeConfig, *, need_train: bool = True, write_record: boo
     reports = train_reports + eval_reports
     if reports:
         print(format_report(reports))
+    if need_train:  # the rule `validate` applies, before anything is built
+        if write_record:
+            write_bad_samples(run_dir, reports)
+        check_bad_fraction(cfg, reports, run_dir)
     train, evals, split_report = apply_split(cfg, train, evals)
     if need_train and not train:
         raise DataError("no usable training samples (see the report above)")
@@ -195,10 +283,7 @@ def prepare_run(cfg: RecipeConfig, *, need_train: bool = True, write_record: boo
         if split_report is not None:
             (run_dir / "split.json").write_text(json.dumps(split_report, indent=2))
         (run_dir / "config.yaml").write_text(dump_recipe(cfg))
-        with (run_dir / "bad_samples.jsonl").open("w") as fh:
-            for r in reports:
-                for bad in r.bad:
-                    fh.write(json.dumps({"file": bad.file, "id": bad.record, "reason": bad.reason}) + "\n")
+        write_bad_samples(run_dir, reports)
         info = {
             "surgsigma_train": __version__, "git_commit": _git_commit(), "python": platform.python_version(),
             "packages": {p: _version(p) for p in ("torch", "transformers", "peft", "accelerate", "tokenizers",
@@ -220,7 +305,10 @@ def _build_base(cfg: RecipeConfig, family: ModelFamily, source: str | Path) -> t
 def build_model_for_training(cfg: RecipeConfig, family: ModelFamily, resume_from: Path | None) -> torch.nn.Module:
     from surgsigma_train.training.params import apply_freezing, apply_lora
 
-    kind, weights = ckpt.weights_dir(resume_from) if resume_from is not None else (None, None)
+    kind, weights = None, None
+    if resume_from is not None:
+        kind, weights = ckpt.weights_dir(resume_from)
+        ckpt.check_same_model(resume_from, cfg, kind)  # before anything is built: exit 2 naming what changed
     model = _build_base(cfg, family, weights if kind == "model" else cfg.model.source)
     if cfg.model.gradient_checkpointing:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
@@ -234,7 +322,7 @@ def build_model_for_training(cfg: RecipeConfig, family: ModelFamily, resume_from
             set_peft_model_state_dict(model, load_file(str(weights / "adapter_model.safetensors")))
             ckpt.load_base_trainables(model, weights)
     elif kind == "adapter":
-        raise ValueError(f"{resume_from} holds a LoRA adapter but lora.enabled is false")
+        raise ConfigError(f"{resume_from} holds a LoRA adapter but lora.enabled is false")
     return model
 
 

@@ -30,6 +30,7 @@ def test_run_over_bad_corpus_completes_and_counts_drops(demo_data, tmp_path):
         "data.eval=[]", f"output.dir={tmp_path / 'run'}", "data.num_workers=2", f"train.micro_batch_size={micro_batch}",
         f"train.max_steps={steps}", "train.warmup_steps=0", "train.save_every=0", "train.progress_bar=false",
         "output.tensorboard=false", "train.log_every=1",
+        "data.max_bad_fraction=1.0",  # the corpus is mostly bad on purpose: train must not refuse it up front
     ]
     cfg = load_recipe(REPO / "recipes" / "demo.yaml", overrides)
     cfg.data.train.append(cfg.data.train[0].model_copy(update={"path": str(corpus), "max_samples": None}))
