@@ -10,10 +10,12 @@ writes the code to RUN_DIR/exit_status.json.
 from __future__ import annotations
 
 import argparse
+import gc
 import json
 import os
 import sys
 import traceback
+import weakref
 from pathlib import Path
 
 from surgsigma_train.config.loading import load_recipe
@@ -26,10 +28,44 @@ def _cmd_train(args: argparse.Namespace) -> int:
     from surgsigma_train.training.trainer import run_training
 
     trainer = run_training(cfg)
-    print(f"run folder: {trainer.ctx.run_dir}")
-    if cfg.eval.after_training and (cfg.data.eval or cfg.data.split is not None):
-        return _run_eval(cfg, None)
-    return 0
+    run_dir, dist, step = trainer.ctx.run_dir, trainer.dist, trainer.state.step
+    print(f"run folder: {run_dir}")
+    if not (cfg.eval.after_training and (cfg.data.eval or cfg.data.split is not None)):
+        return 0
+    trained_model = weakref.ref(trainer.model)
+    del trainer  # the engine, optimizer, model and loader go before the evaluation model is loaded
+    return _eval_after_training(cfg, run_dir, dist, step, trained_model)
+
+
+def _eval_after_training(cfg, run_dir: Path, dist, step: int, trained_model: weakref.ref) -> int:
+    """eval.after_training: once, on rank 0, after every rank has freed its engine, optimizer and model and
+    left the process group (the other ranks then exit 0 instead of idling on a collective with a timeout)."""
+    import torch
+
+    from surgsigma_train.training import checkpoint as ckpt
+
+    gc.collect()
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
+    if trained_model() is not None:
+        print(f"rank {dist.rank}: WARNING: the trained model is still referenced; evaluation loads a second copy",
+              file=sys.stderr)
+    dist.barrier()  # every rank has finished training and freed its share
+    if dist.active:
+        import torch.distributed
+
+        torch.distributed.destroy_process_group()
+    if not dist.is_main:
+        print(f"rank {dist.rank}: training done; evaluation after training runs on rank 0 only")
+        return 0
+    checkpoint = ckpt.latest_checkpoint(run_dir / "checkpoints")
+    print(f"rank {dist.rank}: evaluating after training (world size {dist.world_size})")
+    try:
+        return _run_eval(cfg, checkpoint)
+    except UserError as exc:  # exit_status.json said "done": the launcher must see the evaluation's failure
+        (run_dir / "exit_status.json").write_text(json.dumps(
+            {"exit_code": exc.exit_code, "step": step, "message": f"evaluation after training: {exc}"}, indent=2))
+        raise
 
 
 def _run_eval(cfg, checkpoint: Path | None) -> int:

@@ -112,7 +112,7 @@ class DataConfig(Strict):
         "a sample that still does not fit is dropped with a reason, never truncated")
     num_workers: int = Field(0, ge=0)
     max_bad_fraction: float = Field(
-        0.0, ge=0.0, le=1.0, description="`validate` fails (exit 3) when more than this share of the records is bad")
+        0.0, ge=0.0, le=1.0, description="`validate` and `train` fail (exit 3) when more than this share of the records is bad")
     box_format: Literal["family", "keep"] = Field(
         "family", description="localization answers: boxes rewritten in the model family's own convention "
         "(Qwen2-VL tokens, Qwen2.5-VL resized-image pixels, Qwen3-VL 0-1000 JSON) or kept verbatim")
@@ -223,6 +223,9 @@ class EvalConfig(Strict):
     batch_size: int = Field(8, ge=1)
     max_samples_per_task: int | None = Field(None, ge=1)
     after_training: bool = Field(False, description="run evaluation at the end of `train`")
+    allow_train_overlap: bool = Field(
+        False, description="score a checkpoint on held-out source videos it was trained on (leaked: warned, "
+        "named and recorded in metrics.json); by default `eval` refuses with exit 2")
 
 
 class OutputConfig(Strict):
