@@ -168,17 +168,30 @@ def _cmd_data_index(args: argparse.Namespace) -> int:
 
 def _cmd_data_inspect(args: argparse.Namespace) -> int:
     cfg = load_recipe(args.recipe, args.overrides)
-    from surgsigma_train.data.encode import SampleEncoder
+    from surgsigma_train.data.encode import EncodeError, SampleEncoder
+    from surgsigma_train.data.media import MediaError
+    from surgsigma_train.data.video.planning import PlanningError
     from surgsigma_train.models.registry import get_family
     from surgsigma_train.training.run import build_processor, read_samples
 
-    samples, _ = read_samples(cfg.data.train + cfg.data.eval, cfg.data.task_ids)
-    match = [s for s in samples if s.id == args.sample]
+    match, refused = [], []
+    for source in cfg.data.train + cfg.data.eval:  # one source at a time, so the sample's data file is known
+        samples, reports = read_samples([source], cfg.data.task_ids)
+        match += [(source.path, s) for s in samples if s.id == args.sample]
+        refused += [b for r in reports for b in r.bad if args.sample in (b.record, f"{Path(b.file).name}:{b.record}")]
+    if not match and refused:  # refused at read time: say why, as validate would
+        raise DataError(f"sample {args.sample!r} was refused when the data was read: "
+                        + "; ".join(f"{b.file} record {b.record}: {b.reason}" for b in refused))
     if not match:
         raise DataError(f"no sample with id {args.sample!r} in the recipe's train or eval data")
+    data_file, sample = match[0]
     family = get_family(cfg.model.family)
     encoder = SampleEncoder(build_processor(cfg, family), family, cfg.data, cfg.video, seed=cfg.train.seed)
-    report = encoder.inspect(match[0])
+    try:
+        report = encoder.inspect(sample)
+    except (MediaError, EncodeError, PlanningError) as exc:  # what would drop the sample in training (VideoError too)
+        raise DataError(f"{data_file} record {sample.id} ({sample.task}) cannot be encoded, training drops it: "
+                        f"{exc}") from exc
     if args.json:
         print(json.dumps(report, indent=2))
     else:
@@ -231,7 +244,8 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--train-videos", type=int, default=32, help="synthetic training patient videos")
     demo.add_argument("--heldout-videos", type=int, default=4, help="synthetic held-out patient videos")
     demo.set_defaults(func=_cmd_data_demo)
-    inspect = data.add_parser("inspect", help="show how one sample is sampled, sized and tokenised")
+    inspect = data.add_parser("inspect", help="show how one sample is sampled, sized and tokenised, and its training "
+                              "target (exit 3 with the reason when it cannot be encoded or was refused when read)")
     inspect.add_argument("recipe")
     inspect.add_argument("overrides", nargs="*", help="key.sub=value overrides")
     inspect.add_argument("--sample", required=True, help="sample id")

@@ -323,19 +323,28 @@ class SampleEncoder:
         )
 
     def inspect(self, sample: Sample) -> dict[str, Any]:
-        """What encoding one sample does: frames, times, sizes, planned vs actual tokens (`data inspect`)."""
-        text, _ = self.render_with_spans(self.conversation(sample))
+        """What encoding one sample does: the training target, frames, times, sizes, planned vs actual tokens
+        (`data inspect`). Raises what ``encode`` raises (MediaError / VideoError, EncodeError, PlanningError)."""
+        text, spans = self.render_with_spans(self.conversation(sample))
         images, clips, decision = self.load_media(sample, text)
         out = self._process(text, images, clips, decision, sample)
         plans = decision.plans if decision else ()
         grids = out.get("video_grid_thw")
+        image_grids = out.get("image_grid_thw")
         v = self.video_cfg
         image_plans = [plan_image(img.height, img.width, self.family, self.processor, min_pixels=v.image_min_pixels,
                                   max_pixels=v.image_max_pixels) for img in images]
         refs = [r for r in sample.media if r.kind == "image"]
+        # Without videos there is no budget decision: the plan is the text's tokens plus each image's own.
+        planned = (decision.total_tokens if decision else
+                   count_text_tokens(text, self.processor) + sum(p.num_tokens for p in image_plans))
         return {
             "id": sample.id, "task": sample.task, "source_video": sample.source_video,
-            "planned_tokens": decision.total_tokens if decision else None,
+            # the final answer as trained on (boxes in the family's convention, <think>/<answer> with reasoning),
+            # and every span of the rendered conversation that carries loss (end-of-turn tokens included)
+            "target": self.final_answer(sample), "reasoning": self.use_reasoning(sample),
+            "supervised_text": [text[a:b] for a, b in spans],
+            "planned_tokens": planned,
             "actual_tokens": int(out["input_ids"].shape[1]), "max_seq_len": self.data_cfg.max_seq_len,
             "budget": decision.reason if decision else None,
             "videos": [{
@@ -347,8 +356,10 @@ class SampleEncoder:
                 "planned_tokens": plan.num_tokens, "cache": c.extra.get("cache"), "notes": list(c.extra.get("notes", ())),
             } for i, (c, plan) in enumerate(zip(clips, plans))],
             "images": [{"path": ref.path, "size_HW": [img.height, img.width],
-                        "resized_size_HW": [p.resized_height, p.resized_width], "planned_tokens": p.num_tokens}
-                       for ref, img, p in zip(refs, images, image_plans)],
+                        "resized_size_HW": [p.resized_height, p.resized_width], "grid_thw": list(p.grid_thw),
+                        "processor_grid_thw": image_grids[i].tolist() if image_grids is not None else None,
+                        "planned_tokens": p.num_tokens}
+                       for i, (ref, img, p) in enumerate(zip(refs, images, image_plans))],
         }
 
     def encode_prompt(self, sample: Sample) -> EncodedSample:
