@@ -19,7 +19,7 @@ import weakref
 from pathlib import Path
 
 from surgsigma_train.config.loading import load_recipe
-from surgsigma_train.errors import EXIT_PREEMPTED, DataError, InfraError, Preempted, UserError
+from surgsigma_train.errors import EXIT_PREEMPTED, DataError, InfraError, InternalError, Preempted, UserError
 
 EXIT_DATA = DataError.exit_code
 
@@ -326,7 +326,7 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
         code = args.func(args)
-    except (UserError, InfraError, Preempted) as exc:
+    except (UserError, InternalError, InfraError, Preempted) as exc:
         print(f"{'stopped' if isinstance(exc, Preempted) else 'error'}: {exc}", file=sys.stderr)
         code = exc.exit_code
     except BaseException as exc:

@@ -1,7 +1,7 @@
 """Typed errors and the exit codes that tell a launcher (torchrun, the sbatch script) what to do.
 
     0   done
-    1   unexpected error (a bug): look at the traceback
+    1   InternalError or an unexpected error: a bug in surgsigma_train, not in the data or recipe -> report it
     2   ConfigError: the recipe or an override is invalid          -> fix it, do NOT retry
     3   DataError: the data a recipe names is unusable             -> fix it, do NOT retry
     4   TrainingDiverged: too many non-finite steps in a row       -> change the recipe, do NOT retry
@@ -34,6 +34,14 @@ class TrainingDiverged(UserError, RuntimeError):
     Resuming would replay the same data and diverge again: not retryable."""
 
     exit_code = 4
+
+
+class InternalError(RuntimeError):
+    """A check of the project's own invariants failed, e.g. the metadata-first token plan disagrees with the
+    processor (exit code 1). Neither the data nor the recipe is at fault and a retry gives the same result: the
+    message says what to report."""
+
+    exit_code = 1
 
 
 class InfraError(RuntimeError):

@@ -113,6 +113,13 @@ class DataConfig(Strict):
     num_workers: int = Field(0, ge=0)
     max_bad_fraction: float = Field(
         0.0, ge=0.0, le=1.0, description="`validate` and `train` fail (exit 3) when more than this share of the records is bad")
+    max_dropped_fraction: float | None = Field(
+        None, ge=0.0, le=1.0, description="training stops (exit 3, with the top reasons) when more than this share of "
+        "the samples it met was dropped (failed to load or encode), over the whole run or over the last "
+        "`dropped_window` samples; judged once that many samples were met, and at the end. "
+        "Default: data.max_bad_fraction")
+    dropped_window: int = Field(
+        200, ge=1, description="samples (trained plus dropped, all ranks) in the recent window of max_dropped_fraction")
     box_format: Literal["family", "keep"] = Field(
         "family", description="localization answers: boxes rewritten in the model family's own convention "
         "(Qwen2-VL tokens, Qwen2.5-VL resized-image pixels, Qwen3-VL 0-1000 JSON) or kept verbatim")

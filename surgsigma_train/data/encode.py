@@ -31,7 +31,9 @@ from surgsigma_train.data.video.planning import (BudgetDecision, PlanningError, 
                                                  count_text_tokens, fit_to_budget, plan_image,
                                                  video_metadata_for_clip)
 from surgsigma_train.data.video.types import SamplingSpec, VideoClip, VideoMeta
+from surgsigma_train.errors import InternalError
 from surgsigma_train.models.family import ModelFamily
+from surgsigma_train.versions import installed_version
 
 IGNORE_INDEX = -100
 _PLACEHOLDER_RE = re.compile(f"({re.escape(IMAGE_PLACEHOLDER)}|{re.escape(VIDEO_PLACEHOLDER)})")
@@ -63,6 +65,7 @@ class DroppedSample:
     id: str
     task: str
     reason: str
+    fatal: bool = False  # an InternalError: the consumer stops the run with `reason` instead of counting a drop
 
 
 def extract_answer(text: str) -> str:
@@ -296,7 +299,7 @@ class SampleEncoder:
         images, clips, decision = self.load_media(sample, text)
         out = self._process(text, images, clips, decision, sample)
         input_ids = out["input_ids"][0]
-        _check_plan(decision, input_ids.numel(), sample)
+        _check_plan(decision, input_ids.numel(), sample, self.family.name)
         if input_ids.numel() > self.data_cfg.max_seq_len:
             raise EncodeError(f"{input_ids.numel()} tokens > data.max_seq_len {self.data_cfg.max_seq_len} "
                               "(not truncated: that would cut a media span or the answer)")
@@ -368,7 +371,7 @@ class SampleEncoder:
         images, clips, decision = self.load_media(sample, text)
         out = self._process(text, images, clips, decision, sample)
         input_ids = out["input_ids"][0]
-        _check_plan(decision, input_ids.numel(), sample)
+        _check_plan(decision, input_ids.numel(), sample, self.family.name)
         return EncodedSample(
             id=sample.id, task=sample.task, source_video=sample.source_video, input_ids=input_ids,
             labels=torch.full_like(input_ids, IGNORE_INDEX), mm_token_type_ids=out["mm_token_type_ids"][0],
@@ -377,11 +380,20 @@ class SampleEncoder:
         )
 
 
-def _check_plan(decision: BudgetDecision | None, actual: int, sample: Sample) -> None:
-    """Metadata-first planning must agree with the processor; a disagreement is a bug, reported per sample."""
+class PlanMismatch(InternalError):
+    """The metadata-first plan disagrees with the processor: a bug (e.g. a transformers release that changed a
+    family's token layout), never bad data. It stops the run: dropping the sample would silently drop every
+    sample of its kind."""
+
+
+def _check_plan(decision: BudgetDecision | None, actual: int, sample: Sample, family: str) -> None:
     if decision is not None and decision.total_tokens != actual:
-        raise EncodeError(f"planned {decision.total_tokens} tokens but the processor produced {actual} "
-                          "(a planning bug: please report it with this sample)")
+        media = ", ".join(ref.path for ref in sample.media) or "no media"
+        raise PlanMismatch(
+            f"sample {sample.id!r} ({media}): planned {decision.total_tokens} tokens but the {family} processor "
+            f"produced {actual} with transformers {installed_version('transformers')}. This is a bug in "
+            "surgsigma_train's token planning, not in your data: please report it with this message."
+        )
 
 
 _VISION_KEYS = ("pixel_values", "image_grid_thw", "pixel_values_videos", "video_grid_thw", "second_per_grid_ts")

@@ -17,6 +17,7 @@ from torch.utils.data import Dataset, Sampler
 from surgsigma_train.data.encode import IGNORE_INDEX, DroppedSample, EncodedSample, EncodeError, SampleEncoder
 from surgsigma_train.data.media import MediaError
 from surgsigma_train.data.sample import Sample
+from surgsigma_train.errors import InternalError
 
 
 class SFTDataset(Dataset):
@@ -41,6 +42,10 @@ class SFTDataset(Dataset):
         except (MediaError, EncodeError) as exc:
             # Deterministic rule: the sample is dropped (the batch shrinks), reported and counted.
             return DroppedSample(sample.id, sample.task, str(exc))
+        except InternalError as exc:
+            # a bug, not bad data: handed to the consumer, which stops the run with this message (raised here, in a
+            # loader worker, it would reach the user wrapped in the worker's traceback)
+            return DroppedSample(sample.id, sample.task, str(exc), fatal=True)
 
 
 class ResumableBatchSampler(Sampler[list[int]]):

@@ -12,7 +12,11 @@ duplicate ids within a file, missing media and paths leaving the data root):
 * every distinct IMAGE is fully decoded (Pillow, in threads), under the decompression-bomb limit of
   ``media.py`` and in a mode that converts to RGB faithfully (``media.image_mode_problem``);
 * the planned token length (text tokenised, visual tokens planned from metadata exactly as the encoder does,
-  ``stats.planned_length``) fits ``data.max_seq_len``; video clips lie inside their file.
+  ``stats.planned_length``) fits ``data.max_seq_len``; video clips lie inside their file;
+* one clean sample of each media kind (text only, image, video) per split is then encoded for real (decoded,
+  processed by the family's processor, loss mask built), so that ``validate`` fails where training would drop
+  (up to 3 tries a kind; each failure is a bad sample). A token plan that disagrees with the processor is a bug
+  in this project, not bad data: ``InternalError``, exit 1.
 Things that train correctly but may surprise (variable frame rate, fewer frames than requested, CMYK/palette
 images, an image file with a video extension) are warnings, not bad samples.
 
@@ -95,6 +99,7 @@ class PreflightResult:
     max_seq_len: int = 0
     max_bad_fraction: float = 0.0
     fingerprint: str = ""
+    encoded: dict[tuple[str, str], str] = field(default_factory=dict)  # (split, media kind) -> id of a sample encoded
 
     @property
     def bad_fraction(self) -> float:
@@ -112,6 +117,7 @@ class PreflightResult:
             "files": self.files, "bad_reasons": dict(reason_counts(self.bad)),
             "warning_reasons": dict(reason_counts(self.warnings)), "videos_probed": self.videos_probed,
             "images_checked": self.images_checked, "workers": self.workers, "timings_s": self.timings_s,
+            "encoded": {f"{split}/{kind}": sample_id for (split, kind), sample_id in self.encoded.items()},
         }
 
 
@@ -349,7 +355,6 @@ def run_preflight(cfg: RecipeConfig, *, workers: int = 2, timeout_s: float | Non
     family = get_family(cfg.model.family)
     encoder = _PlannedEncoder(build_processor(cfg, family), family, cfg.data, cfg.video, seed=cfg.train.seed)
     encoder.metas = checked
-    clean_per_file: Counter = Counter()
     for split, file, sample, paths in pending:
         reason, media, notes = None, None, []
         for (relative, path), ref in zip(paths, sample.media):
@@ -382,17 +387,49 @@ def run_preflight(cfg: RecipeConfig, *, workers: int = 2, timeout_s: float | Non
             continue
         result.warnings += [Finding(split, sample.id, file, note, rel) for rel, note in notes]
         result.clean.append((split, sample, tokens))
-        clean_per_file[(split, file)] += 1
+    result.timings_s["plan"] = time.perf_counter() - t0
+    t0 = time.perf_counter()
+    files = {(split, sample.id): file for split, file, sample, _ in pending}
+    _encode_one_of_each_kind(encoder, result, files)
+    result.timings_s["encode"] = time.perf_counter() - t0
+    clean_per_file = Counter((split, files[(split, sample.id)]) for split, sample, _ in result.clean)
     bad_per_file = Counter((f.split, f.file) for f in result.bad)
     for entry in result.files:
         entry["clean"] = clean_per_file[(entry["split"], entry["file"])]
         entry["bad"] = bad_per_file[(entry["split"], entry["file"])]
-    result.timings_s["plan"] = time.perf_counter() - t0
     result.timings_s["total"] = time.perf_counter() - started
     result.fingerprint = data_fingerprint([s for split, s, _ in result.clean if split == "train"])
     if write:
         write_preflight(result, Path(cfg.output.dir) / "preflight")
     return result
+
+
+def media_kind(sample: Sample) -> str:
+    kinds = {ref.kind for ref in sample.media}
+    return "video" if "video" in kinds else "image" if "image" in kinds else "text"
+
+
+def _encode_one_of_each_kind(encoder: SampleEncoder, result: PreflightResult, files: dict[tuple[str, str], str],
+                             tries: int = 3) -> None:
+    """Encode clean samples for real (decode, the family's processor, the loss mask) until one of each media kind
+    (text only, image, video) per split encodes, at most ``tries`` of a kind: planning alone can agree with itself
+    where the processor does not, and then training would drop every sample of that kind. A sample that fails
+    here is bad, as at train time; a plan that disagrees with the processor raises ``InternalError`` (a bug)."""
+    attempts: Counter = Counter()
+    failed: set[tuple[str, str]] = set()
+    for split, sample, _ in list(result.clean):
+        key = (split, media_kind(sample))
+        if key in result.encoded or attempts[key] >= tries:
+            continue
+        attempts[key] += 1
+        try:
+            encoder.encode(sample)
+        except (MediaError, EncodeError, PlanningError, VideoError) as exc:
+            result.bad.append(Finding(split, sample.id, files[(split, sample.id)], f"does not encode: {exc}"))
+            failed.add((split, sample.id))
+            continue
+        result.encoded[key] = sample.id
+    result.clean = [entry for entry in result.clean if (entry[0], entry[1].id) not in failed]
 
 
 def write_preflight(result: PreflightResult, out_dir: Path) -> None:
@@ -418,6 +455,9 @@ def format_preflight(result: PreflightResult, out_dir: Path | None = None, max_r
     if tokens:
         lines.append(f"planned tokens: median {tokens[len(tokens) // 2]}, max {tokens[-1]} "
                      f"(data.max_seq_len {result.max_seq_len})")
+    if result.encoded:
+        lines.append("encoded for real (decode + processor + loss mask): " + ", ".join(
+            f"{split} {kind} {sample_id}" for (split, kind), sample_id in sorted(result.encoded.items())))
     for title, findings in (("bad", result.bad), ("warnings", result.warnings)):
         if findings:
             lines.append(f"{title}: {len(findings)}")

@@ -24,7 +24,7 @@ from surgsigma_train.config.schema import RecipeConfig
 from surgsigma_train.data.encode import SampleEncoder, extract_answer
 from surgsigma_train.data.loader import PadCollator, SFTDataset, build_loader
 from surgsigma_train.data.sample import Sample
-from surgsigma_train.errors import ConfigError, DataError, UserError
+from surgsigma_train.errors import ConfigError, DataError, InternalError, UserError
 from surgsigma_train.training import checkpoint as ckpt
 from surgsigma_train.training.run import load_model_for_eval, prepare_run
 
@@ -151,6 +151,8 @@ def evaluate(cfg: RecipeConfig, checkpoint: Path | None = None) -> dict[str, Any
     with (out_dir / "predictions.jsonl").open("w") as pred_file:
         for batch in loader:
             for d in batch.dropped:
+                if d.fatal:  # a bug (the token plan disagrees with the processor), not a drop to score around
+                    raise InternalError(d.reason)
                 drops.append((d.id, d.task, d.reason))
                 pred_file.write(json.dumps({"id": d.id, "task": d.task, "dropped": d.reason}) + "\n")
             if not batch.ids:

@@ -20,7 +20,7 @@ import os
 import signal
 import sys
 import time
-from collections import Counter
+from collections import Counter, deque
 from contextlib import nullcontext
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -35,7 +35,8 @@ from surgsigma_train.data.loader import Batch, PadCollator, ResumableBatchSample
 from surgsigma_train.distributed.engines import build_engine
 from surgsigma_train.distributed.env import init_distributed
 from surgsigma_train.distributed.preemption import PreemptionFlag
-from surgsigma_train.errors import (ConfigError, DataError, InfraError, Preempted, TrainingDiverged, UserError)
+from surgsigma_train.errors import (ConfigError, DataError, InfraError, InternalError, Preempted, TrainingDiverged,
+                                    UserError)
 from surgsigma_train.models.family import ModelFamily
 from surgsigma_train.training import checkpoint as ckpt
 from surgsigma_train.training.params import build_optimizer, build_scheduler, count_parameters
@@ -131,6 +132,7 @@ class Trainer:
         self.loader = build_loader(SFTDataset(self.ctx.train_samples, self.encoder), self.sampler,
                                    PadCollator(self.ctx.pad_token_id), cfg.data.num_workers)
         self.drop_reasons: Counter = Counter()
+        self._recent_drops: deque[tuple[int, int]] = deque()  # (samples met, dropped) per step, for the drop rate
         self._filler: Batch | None = None
         self.preemption = PreemptionFlag().install()
         self.dist.barrier()
@@ -194,6 +196,8 @@ class Trainer:
             dataset = self.loader.dataset
             for i in range(len(dataset)):
                 item = dataset[i]
+                if getattr(item, "fatal", False):
+                    raise InternalError(item.reason)
                 if isinstance(item, EncodedSample):
                     self._filler = self.loader.collate_fn([item])
                     break
@@ -203,6 +207,8 @@ class Trainer:
 
     def _log_drops(self, batch: Batch, telemetry: Telemetry) -> int:
         for dropped in batch.dropped:
+            if dropped.fatal:  # a bug (e.g. the token plan disagrees with the processor): stop, never count it
+                raise InternalError(dropped.reason)
             self.drop_reasons[dropped.reason.split(":")[0]] += 1
             # one line per write in append mode: the ranks' lines interleave but never mix
             with (self.ctx.run_dir / "dropped_samples.jsonl").open("a") as fh:
@@ -210,6 +216,31 @@ class Trainer:
                                      "task": dropped.task, "reason": dropped.reason}) + "\n")
             print(f"dropped sample {dropped.id} ({dropped.task}): {dropped.reason}")
         return len(batch.dropped)
+
+    def _check_drop_rate(self, samples: int, dropped: int, final: bool) -> None:
+        """Stop (exit 3) when too many samples were dropped, over the run or over the last `dropped_window` ones.
+
+        Called with the step's all-reduced counts, so every rank takes the same decision. Judged once the window is
+        full (a handful of samples says nothing about a share), and at the end whatever the count."""
+        data = self.cfg.data
+        limit = data.max_bad_fraction if data.max_dropped_fraction is None else data.max_dropped_fraction
+        self._recent_drops.append((samples + dropped, dropped))
+        while len(self._recent_drops) > 1 and sum(n for n, _ in self._recent_drops) - self._recent_drops[0][0] \
+                >= data.dropped_window:
+            self._recent_drops.popleft()
+        met = self.state.samples_seen + self.state.dropped_samples
+        checks = [("the run so far", met, self.state.dropped_samples)]
+        window_met = sum(n for n, _ in self._recent_drops)
+        if window_met >= data.dropped_window:
+            checks.append((f"the last {window_met} samples", window_met, sum(d for _, d in self._recent_drops)))
+        for where, seen, lost in checks:
+            if lost and (final or seen >= data.dropped_window) and lost / seen > limit:
+                top = "; ".join(f"{count} x {reason}" for reason, count in self.drop_reasons.most_common(5))
+                raise DataError(
+                    f"{lost} of {seen} samples ({lost / seen:.1%}) were dropped over {where} at step "
+                    f"{self.state.step}, above data.max_dropped_fraction {limit} (default: data.max_bad_fraction). "
+                    f"Top reasons on rank {self.dist.rank}: {top or 'on other ranks'}. Every drop is listed in "
+                    f"{self.ctx.run_dir / 'dropped_samples.jsonl'}; `surgsigma-train validate` checks the data first")
 
     # ------------------------------------------------------------ loop
     def fit(self) -> TrainerState:
@@ -288,6 +319,7 @@ class Trainer:
                 self.state.tokens_seen += int(tokens)
                 self.state.samples_seen += int(samples)
                 self.state.dropped_samples += int(dropped)
+                self._check_drop_rate(int(samples), int(dropped), final=False)
                 elapsed = time.perf_counter() - step_start
                 if self.state.step % t.log_every == 0 or self.state.step == t.max_steps:
                     telemetry.log({
@@ -308,6 +340,7 @@ class Trainer:
                 if t.save_every and self.state.step % t.save_every == 0 and self.state.step < t.max_steps:
                     self.save()
             self.save()
+            self._check_drop_rate(0, 0, final=True)
         except torch.distributed.DistError as exc:  # a peer died or a collective timed out
             raise InfraError(f"collective failed at step {self.state.step + 1}: {exc}") from exc
         finally:
