@@ -42,8 +42,8 @@ class DataSource(Strict):
     video: VideoSampling | None = Field(None, description="frame sampling for this source (default: video.sampling)")
 
 
-# Task ids as they appear in the data -> registry names. The released numbering is not confirmed
-# (see docs/surgsigma-db.md), so this is a default a recipe can replace.
+# Task ids as they appear in the data -> registry names. The released numbering is not published (SurgΣ,
+# arXiv 2603.16822; localization appears as [1] in the v0.1 release), so this is a default a recipe can replace.
 DEFAULT_TASK_IDS: dict[int, str] = {
     1: "instrument_localization",
     2: "instrument_recognition",
@@ -144,13 +144,17 @@ class VideoConfig(Strict):
     sampling: VideoSampling = VideoSampling()
     image_min_pixels: int = 56 * 56
     image_max_pixels: int = 28 * 28 * 1280
-    video_min_pixels: int = 56 * 56
-    video_max_pixels: int = 28 * 28 * 256
+    video_min_pixels: int = Field(56 * 56, description="lower pixel bound of a video (per frame for Qwen2-VL and "
+                                  "Qwen2.5-VL; over ALL frames of the clip together for Qwen3-VL)")
+    video_max_pixels: int = Field(28 * 28 * 256, description="upper pixel bound of a video: per frame for Qwen2-VL and "
+                                  "Qwen2.5-VL (as in LLaMA-Factory); for Qwen3-VL a budget over ALL frames of the clip "
+                                  "together (its processor's rule), so the same number gives far fewer pixels a frame")
     timestamps: Literal["clip", "source"] = Field(
         "clip", description="Qwen3-VL frame times relative to the clip start or to the file start")
     cache_dir: str | None = Field(None, description="on-disk cache of decoded, resized frames (shared across runs)")
     cache_max_gb: float = Field(20.0, gt=0)
-    isolate: bool = Field(False, description="decode in a child process: a native decoder crash costs one sample")
+    isolate: bool = Field(False, description="probe and decode in a child process (with decode_timeout_s): a native "
+                          "decoder crash or hang costs one sample")
     decode_timeout_s: float = Field(120.0, gt=0, description="with isolate: a decode taking longer is a bad file")
 
 
