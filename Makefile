@@ -13,7 +13,8 @@ DEMO_RUN   ?= runs/demo
 # test-latest / test-pin build their own environments next to .venv
 LATEST_VENV ?= .venv-latest
 PIN_VENV    ?= .venv-pin
-# test-pin: the tested set with one package moved, e.g. `make test-pin PIN=transformers==5.17.0 TESTS=tests/models`
+# test-pin: the tested set with some packages moved (their lock lines dropped, the resolver fills the rest), e.g.
+# `make test-pin PIN="transformers==5.17.0 huggingface-hub<2" TESTS=tests/models`
 PIN         ?=
 TESTS       ?=
 
@@ -42,7 +43,7 @@ demo: setup-demo
 
 test: setup-test
 	$(PY) -m surgsigma_train.versions
-	$(PY) -m pytest
+	SURGSIGMA_LOCK=$(LOCK) $(PY) -m pytest
 
 test-unit: setup-test
 	$(PY) -m pytest -m "not integration"
@@ -56,10 +57,13 @@ test-latest:
 
 # The tested set with one package at another version (e.g. the lowest a range allows).
 test-pin:
-	@test -n "$(PIN)" || { echo "usage: make test-pin PIN=package==version [TESTS=tests/...]"; exit 2; }
+	@test -n "$(PIN)" || { echo 'usage: make test-pin PIN="package==version ..." [TESTS=tests/...]'; exit 2; }
 	$(MAKE) VENV=$(PIN_VENV) venv
-	grep -v -i "^$$(echo '$(PIN)' | sed 's/[<>=!~].*//')==" $(LOCK) > $(PIN_VENV)/constraints.txt
-	$(PIN_VENV)/bin/python -m pip --disable-pip-version-check -q install -c $(PIN_VENV)/constraints.txt "$(PIN)" -e ".[video,dev]"
+	cp $(LOCK) $(PIN_VENV)/constraints.txt
+	for spec in $(foreach spec,$(PIN),'$(spec)'); do name=$$(echo "$$spec" | sed 's/[<>=!~ ].*//; s/[-_.]/[-_.]/g'); \
+	  grep -v -i "^$$name==" $(PIN_VENV)/constraints.txt > $(PIN_VENV)/constraints.new; \
+	  mv $(PIN_VENV)/constraints.new $(PIN_VENV)/constraints.txt; done
+	$(PIN_VENV)/bin/python -m pip --disable-pip-version-check -q install -c $(PIN_VENV)/constraints.txt $(foreach spec,$(PIN),"$(spec)") -e ".[video,dev]"
 	$(PIN_VENV)/bin/python -m surgsigma_train.versions
 	$(PIN_VENV)/bin/python -m pytest $(TESTS)
 

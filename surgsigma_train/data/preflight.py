@@ -22,8 +22,10 @@ images, an image file with a video extension) are warnings, not bad samples.
 
 Writes ``<output.dir>/preflight/``: ``manifest.jsonl`` (one line per clean sample: split, id, task, planned
 tokens), ``bad_samples.jsonl`` (split, id, file, media, reason), ``warnings.jsonl`` and ``summary.json``
-(counts, reasons, ``data_fingerprint`` of the clean training samples, timings). Training does not read the
-manifest: at train time a sample that fails to load or encode is dropped, logged and counted (data/loader.py).
+(counts, reasons, ``data_fingerprint`` of the clean training samples, timings). ``train`` applies the same
+``data.max_bad_fraction`` rule before it starts, with these counts when ``summary.json`` is fresh for the same data
+files (``training/run.py``); the manifest itself is not read: at train time a sample that fails to load or encode is
+dropped, logged and counted (data/loader.py), and too many drops stop the run (``data.max_dropped_fraction``).
 """
 
 from __future__ import annotations

@@ -7,7 +7,6 @@ commit, data manifest fingerprint, the video decoders present and the vision pre
 from __future__ import annotations
 
 import hashlib
-import importlib.metadata
 import json
 import platform
 import subprocess
@@ -19,6 +18,7 @@ from typing import Any, Sequence
 import torch
 
 from surgsigma_train import __version__
+from surgsigma_train.versions import key_versions
 from surgsigma_train.config.loading import dump_recipe
 from surgsigma_train.config.schema import DataSource, RecipeConfig
 from surgsigma_train.data.video import available_backends, backend_version
@@ -161,13 +161,6 @@ def _git_commit() -> str | None:
     return out.stdout.strip() or None if out.returncode == 0 else None
 
 
-def _version(package: str) -> str | None:
-    try:
-        return importlib.metadata.version(package)
-    except importlib.metadata.PackageNotFoundError:
-        return None
-
-
 def vision_spec(cfg: RecipeConfig, processor: Any) -> dict[str, Any]:
     """What eval and export must reproduce exactly: how pixels and frames became tokens."""
     spec: dict[str, Any] = {"family": cfg.model.family, "video": cfg.video.model_dump(),
@@ -286,8 +279,7 @@ def prepare_run(cfg: RecipeConfig, *, need_train: bool = True, write_record: boo
         write_bad_samples(run_dir, reports)
         info = {
             "surgsigma_train": __version__, "git_commit": _git_commit(), "python": platform.python_version(),
-            "packages": {p: _version(p) for p in ("torch", "transformers", "peft", "accelerate", "tokenizers",
-                                                 "decord", "av", "deepspeed", "flash-attn")},
+            "packages": key_versions(),
             "device": torch.cuda.get_device_name(0) if torch.cuda.is_available() else "cpu",
             "data_fingerprint": ctx.data_fingerprint, "train_samples": len(train), "eval_samples": len(evals),
             "data_reports": [r.summary() for r in reports], "vision_spec": vision_spec(cfg, processor),
