@@ -21,7 +21,9 @@ class Strict(BaseModel):
 class ModelConfig(Strict):
     family: FamilyName
     source: str = Field("tiny", description='"tiny" (random weights, offline) | hub id | local directory')
-    attn_implementation: Literal["sdpa", "eager", "flash_attention_2", "flex_attention"] = "sdpa"
+    attn_implementation: Literal["sdpa", "eager", "flash_attention_2", "flex_attention", "sdpa_varlen", "auto"] = Field(
+        "sdpa", description="auto = flash_attention_2 (CUDA + flash_attn), else sdpa_varlen with data.packing, else "
+        "sdpa; sdpa_varlen = SDPA per packed sample (see models/attention.py for what each backend costs)")
     trust_remote_code: bool = False
     vision_backend: Literal["auto", "ours", "stock"] = Field(
         "auto", description="ours = torchvision-free preprocessing; stock = transformers' (needs torchvision)"
