@@ -128,6 +128,22 @@ class DataConfig(Strict):
     split: SplitConfig | None = Field(
         None, description="carve a held-out set out of data.train by source video; it is added to data.eval")
     mixture: MixtureConfig = MixtureConfig()
+    packing: bool = Field(
+        False, description="pack samples into bins of at most pack_tokens tokens (one packed row per micro-batch, "
+        "planned lengths, nothing decoded); train.micro_batch_size must then be 1 (a micro-batch IS one bin)")
+    pack_tokens: int | None = Field(
+        None, ge=16, description="token budget of a packed bin (needed with packing); a sample longer than this is "
+        "dropped with its reason, never truncated. It may exceed max_seq_len (the per-sample budget); with "
+        "max_seq_len <= pack_tokens videos are planned down to fit instead of being dropped")
+    pack_balance_window: int = Field(
+        32, ge=1, description="packing: bins are dealt to ranks in windows of this many global micro-batches, "
+        "sorted by visual tokens, so the ranks of one micro-batch get similar vision work (1 = no balancing)")
+
+    @model_validator(mode="after")
+    def _check_packing(self) -> "DataConfig":
+        if self.packing and self.pack_tokens is None:
+            raise ValueError("data.packing needs data.pack_tokens (the token budget of one packed bin)")
+        return self
 
 
 class VideoSampling(Strict):
@@ -269,4 +285,8 @@ class RecipeConfig(Strict):
             raise ValueError("train: everything is frozen and LoRA is off; nothing would be trained")
         if t.warmup_steps > t.max_steps:
             raise ValueError(f"train.warmup_steps ({t.warmup_steps}) > train.max_steps ({t.max_steps})")
+        if self.data.packing and t.micro_batch_size != 1:
+            raise ValueError(f"data.packing: a micro-batch is one packed bin of data.pack_tokens tokens, so "
+                             f"train.micro_batch_size must be 1 (got {t.micro_batch_size}); raise data.pack_tokens "
+                             "or train.grad_accum_steps for bigger steps")
         return self

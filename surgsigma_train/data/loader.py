@@ -102,6 +102,11 @@ class Batch:
     source_videos: list[str | None]
     dropped: list[DroppedSample] = field(default_factory=list)
     references: list[str | None] = field(default_factory=list)
+    # Packed batches (data/packing.py): one row of several samples, no attention mask; seq_lens are the samples'
+    # lengths in the row, in order. slot_tokens: the token slots this micro-batch occupies (packing: the bin
+    # budget; padding: rows x padded length), the denominator of the packing efficiency.
+    seq_lens: list[int] | None = None
+    slot_tokens: int = 0
 
     @property
     def num_samples(self) -> int:
@@ -109,7 +114,17 @@ class Batch:
 
     @property
     def num_tokens(self) -> int:
-        return int(self.inputs["attention_mask"].sum()) if self.ids else 0
+        """Real (non-padding) tokens."""
+        if not self.ids:
+            return 0
+        if "attention_mask" in self.inputs:
+            return int(self.inputs["attention_mask"].sum())
+        return int(sum(self.seq_lens)) if self.seq_lens is not None else int(self.inputs["input_ids"].numel())
+
+    @property
+    def num_visual_tokens(self) -> int:
+        """Image and video tokens (mm_token_type_ids != 0; padding is 0)."""
+        return int((self.inputs["mm_token_type_ids"] != 0).sum()) if self.ids else 0
 
     @property
     def num_loss_tokens(self) -> int:
@@ -141,6 +156,7 @@ class PadCollator:
         if not kept:
             return batch
         length = max(x.input_ids.numel() for x in kept)
+        batch.slot_tokens = length * len(kept)
         inputs = {
             "input_ids": self._pad([x.input_ids for x in kept], self.pad_token_id, length),
             "attention_mask": self._pad([torch.ones_like(x.input_ids) for x in kept], 0, length),

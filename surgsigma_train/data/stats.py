@@ -32,6 +32,12 @@ PERCENTILES = (0, 50, 90, 95, 99, 100)
 
 def planned_length(encoder: SampleEncoder, sample: Sample) -> int:
     """len(input_ids) of the encoded sample, from the tokenizer and media metadata only (nothing decoded)."""
+    return planned_tokens(encoder, sample)[0]
+
+
+def planned_tokens(encoder: SampleEncoder, sample: Sample) -> tuple[int, int]:
+    """(len(input_ids), visual tokens = image/video pad tokens, i.e. mm_token_type_ids != 0) of the encoded
+    sample, from the tokenizer and media metadata only (nothing decoded). The packer bins and balances on these."""
     text, _ = encoder.render_with_spans(encoder.conversation(sample))
     sizes = []
     for ref in sample.media:
@@ -40,12 +46,13 @@ def planned_length(encoder: SampleEncoder, sample: Sample) -> int:
             with Image.open(path) as img:  # lazy: reads the header, not the pixels
                 sizes.append(SimpleNamespace(height=img.height, width=img.width))
     _, decision = encoder.plan_videos(sample, text, sizes)  # raises EncodeError when over the token budget
-    if decision is not None:
-        return decision.total_tokens
     v = encoder.video_cfg
-    return count_text_tokens(text, encoder.processor) + sum(
-        plan_image(s.height, s.width, encoder.family, encoder.processor, min_pixels=v.image_min_pixels,
-                   max_pixels=v.image_max_pixels).num_tokens for s in sizes)
+    images = [plan_image(s.height, s.width, encoder.family, encoder.processor, min_pixels=v.image_min_pixels,
+                         max_pixels=v.image_max_pixels) for s in sizes]
+    visual = sum(p.num_pad_tokens for p in images)
+    if decision is not None:
+        return decision.total_tokens, visual + sum(p.num_pad_tokens for p in decision.plans)
+    return count_text_tokens(text, encoder.processor) + sum(p.num_tokens for p in images), visual
 
 
 def _distribution(lengths: list[int]) -> dict[str, Any]:

@@ -1,4 +1,7 @@
-"""Where metrics go: metrics.jsonl (one JSON object per logged step), TensorBoard, a progress bar."""
+"""Where metrics go: metrics.jsonl (one JSON object per logged step), TensorBoard, a progress bar.
+
+Every numeric field of a record is a TensorBoard scalar (train/<key>): loss, tokens_per_s, packing_efficiency (real
+/ slot tokens), text_tokens_per_s and visual_tokens_per_s (mm_token_type_ids != 0) among them."""
 
 from __future__ import annotations
 
@@ -39,7 +42,11 @@ class Telemetry:
                 if isinstance(value, (int, float)) and key != "step":
                     self._writer.add_scalar(f"train/{key}", value, record["step"])
         if self._bar is not None:
-            self._bar.set_postfix(loss=f"{record['loss']:.4f}", tok_s=f"{record['tokens_per_s']:.0f}", refresh=False)
+            extra = {}
+            if "packing_efficiency" in record:  # real / slot tokens, and the vision share of the throughput
+                extra = {"pack": f"{record['packing_efficiency']:.1%}", "vis_tok_s": f"{record['visual_tokens_per_s']:.0f}"}
+            self._bar.set_postfix(loss=f"{record['loss']:.4f}", tok_s=f"{record['tokens_per_s']:.0f}", **extra,
+                                  refresh=False)
 
     def advance(self, steps: int = 1) -> None:
         if self._bar is not None:

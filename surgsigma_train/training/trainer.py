@@ -32,6 +32,7 @@ import torch.nn.functional as F
 from surgsigma_train.config.schema import RecipeConfig
 from surgsigma_train.data.encode import IGNORE_INDEX, EncodedSample, SampleEncoder
 from surgsigma_train.data.loader import Batch, PadCollator, ResumableBatchSampler, SFTDataset, build_loader
+from surgsigma_train.data.packing import build_packed_data, packed_position_ids
 from surgsigma_train.distributed.engines import build_engine
 from surgsigma_train.distributed.env import init_distributed
 from surgsigma_train.distributed.preemption import PreemptionFlag
@@ -124,13 +125,15 @@ class Trainer:
         self.encoder = SampleEncoder(self.ctx.processor, self.family, cfg.data, cfg.video, seed=t.seed)
         mixture = self.ctx.mixture
         shard = {"rank": self.dist.rank, "world_size": self.dist.world_size}
-        if mixture is not None and mixture.active:  # weighted: the epoch's list is a pure function of (seed, epoch)
+        dataset, collator = SFTDataset(self.ctx.train_samples, self.encoder), PadCollator(self.ctx.pad_token_id)
+        if cfg.data.packing:  # a micro-batch is one bin of planned lengths, packed into one row (data/packing.py)
+            self.sampler, dataset, collator = build_packed_data(cfg, self.ctx, self.encoder, self.dist)
+        elif mixture is not None and mixture.active:  # weighted: the epoch's list is a pure function of (seed, epoch)
             self.sampler = ResumableBatchSampler(mixture.epoch_size, t.micro_batch_size, seed=t.seed,
                                                  epoch_order=mixture.epoch_indices, **shard)
         else:
             self.sampler = ResumableBatchSampler(len(self.ctx.train_samples), t.micro_batch_size, seed=t.seed, **shard)
-        self.loader = build_loader(SFTDataset(self.ctx.train_samples, self.encoder), self.sampler,
-                                   PadCollator(self.ctx.pad_token_id), cfg.data.num_workers)
+        self.loader = build_loader(dataset, self.sampler, collator, cfg.data.num_workers)
         self.drop_reasons: Counter = Counter()
         self._recent_drops: deque[tuple[int, int]] = deque()  # (samples met, dropped) per step, for the drop rate
         self._filler: Batch | None = None
@@ -282,6 +285,8 @@ class Trainer:
                         source = batch if real else self._filler_batch()
                         inputs = {k: v.to(self.device) for k, v in source.inputs.items()}
                         labels = inputs.pop("labels")
+                        if source.seq_lens is not None:  # packed row: text positions restart per sample, + mRoPE
+                            inputs["position_ids"] = packed_position_ids(self.model, inputs, source.seq_lens)
                         with self.engine.accumulate(last=i == len(micro) - 1):
                             with autocast_context(t.mixed_precision, self.device):
                                 micro_loss = token_loss_sum(self.engine.model, inputs, labels)
@@ -294,8 +299,9 @@ class Trainer:
                         loss_sum += micro_loss.detach()
                 self.state.micro_step = 0
                 local = [float(loss_sum), sum(b.num_samples for b in micro), sum(b.num_tokens for b in micro),
-                         dropped, float(self.preemption.requested)]
-                total_loss, samples, tokens, dropped, preempt = self.dist.all_reduce(local)
+                         dropped, float(self.preemption.requested), sum(b.slot_tokens for b in micro),
+                         sum(b.num_visual_tokens for b in micro)]
+                total_loss, samples, tokens, dropped, preempt, slots, visual = self.dist.all_reduce(local)
                 loss = total_loss / max(loss_tokens, 1)
                 # Decided from all-reduced numbers, so every rank takes the same decision.
                 skip = not math.isfinite(loss) or loss_tokens == 0
@@ -327,6 +333,9 @@ class Trainer:
                         "lr": self.optimizer.param_groups[-1]["lr"], "grad_norm": grad_norm,
                         "tokens": int(tokens), "loss_tokens": int(loss_tokens), "samples": int(samples),
                         "tokens_per_s": tokens / elapsed, "samples_per_s": samples / elapsed,
+                        # real / slot tokens (packing: bins x data.pack_tokens; padding: rows x padded length)
+                        "slot_tokens": int(slots), "packing_efficiency": tokens / slots if slots else 0.0,
+                        "text_tokens_per_s": (tokens - visual) / elapsed, "visual_tokens_per_s": visual / elapsed,
                         "data_wait_s": data_wait, "step_time_s": elapsed,
                         "dropped_samples": self.state.dropped_samples, "skipped_steps": self.state.skipped_steps,
                     })
