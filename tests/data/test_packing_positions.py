@@ -360,8 +360,9 @@ def test_model_build_probe_accepts_confining_backends(attn):
     check_packing_confined(get_family("qwen2_vl").build_model("tiny", attn_implementation=attn))
 
 
-def test_model_build_probe_refuses_a_leaking_backend():
-    """A backend whose mask ignores the packed sequences (here: causal over the whole row) is a ConfigError."""
+def test_model_build_probe_refuses_a_leaking_backend(monkeypatch):
+    """A transformers whose sdpa mask ignored the packed sequences (here: causal over the whole row), or a backend
+    not known to confine, is a ConfigError at model build."""
     from transformers import AttentionInterface
     from transformers.integrations.sdpa_attention import sdpa_attention_forward
     from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
@@ -370,12 +371,15 @@ def test_model_build_probe_refuses_a_leaking_backend():
         kwargs["mask_function"] = lambda b, h, q, kv: kv <= q
         return sdpa_mask(*args, **kwargs)
 
-    AttentionInterface.register("test_leaky", sdpa_attention_forward)
-    AttentionMaskInterface.register("test_leaky", whole_row_mask)
-    model = get_family("qwen2_vl").build_model("tiny", attn_implementation="test_leaky")
+    model = get_family("qwen2_vl").build_model("tiny", attn_implementation="sdpa")
+    monkeypatch.setitem(AttentionMaskInterface._global_mapping, "sdpa", whole_row_mask)
     with pytest.raises(ConfigError, match="block-diagonal"):
         check_packing_confined(model)
-    model.config.text_config._attn_implementation = "paged|eager"
+    monkeypatch.undo()
+    check_packing_confined(model)
+    AttentionInterface.register("test_unknown", sdpa_attention_forward)
+    AttentionMaskInterface.register("test_unknown", sdpa_mask)
+    model = get_family("qwen2_vl").build_model("tiny", attn_implementation="test_unknown")
     with pytest.raises(ConfigError, match="not known to confine"):
         check_packing_confined(model)
 
