@@ -290,8 +290,16 @@ def prepare_run(cfg: RecipeConfig, *, need_train: bool = True, write_record: boo
 
 
 def _build_base(cfg: RecipeConfig, family: ModelFamily, source: str | Path) -> torch.nn.Module:
-    return family.build_model(str(source), attn_implementation=cfg.model.attn_implementation,
-                              trust_remote_code=cfg.model.trust_remote_code, seed=cfg.train.seed)
+    from surgsigma_train.models.attention import check_packing_confined, resolve_attn_implementation
+
+    # auto -> the fastest backend here that keeps packed samples apart; impossible combinations: ConfigError (exit 2)
+    attn = resolve_attn_implementation(cfg.model.attn_implementation, packing=cfg.data.packing,
+                                       model_class=family.model_class)
+    model = family.build_model(str(source), attn_implementation=attn,
+                               trust_remote_code=cfg.model.trust_remote_code, seed=cfg.train.seed)
+    if cfg.data.packing:
+        check_packing_confined(model)  # never a silent leak between the samples of a packed row
+    return model
 
 
 def build_model_for_training(cfg: RecipeConfig, family: ModelFamily, resume_from: Path | None) -> torch.nn.Module:
