@@ -83,6 +83,12 @@ class ModelFamily:
     video_processor_class: type[QwenVideoProcessor]
     vision_defaults: VisionDefaults
     chat_template_package: str = field(repr=False)  # package holding chat_template.jinja
+    # The vision tower (attribute path from the *ForConditionalGeneration model; called once per media kind of a
+    # micro-batch as `tower(pixels, grid_thw=...)`) and the fields of its output that feed the language model. The
+    # zero-weight dummy vision pass (models/vision_call_graph.py) runs the tower and touches all of these fields, so
+    # that every parameter a real image or video reaches is reached by the dummy too.
+    vision_module: str = "model.visual"
+    vision_outputs: tuple[str, ...] = ("pooler_output",)
 
     # ---- text ------------------------------------------------------------------------------------------------
     @property

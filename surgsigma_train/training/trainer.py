@@ -39,6 +39,7 @@ from surgsigma_train.distributed.preemption import PreemptionFlag
 from surgsigma_train.errors import (ConfigError, DataError, InfraError, InternalError, Preempted, TrainingDiverged,
                                     UserError)
 from surgsigma_train.models.family import ModelFamily
+from surgsigma_train.models.vision_call_graph import VisionCallGraph, media_slots
 from surgsigma_train.training import checkpoint as ckpt
 from surgsigma_train.training.params import build_optimizer, build_scheduler, count_parameters
 from surgsigma_train.training.run import RunContext, build_model_for_training, prepare_run
@@ -82,10 +83,15 @@ def loss_positions(labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     return predicts, labels[:, 1:][predicts[:, :-1]]
 
 
-def token_loss_sum(model: torch.nn.Module, inputs: dict[str, torch.Tensor], labels: torch.Tensor) -> torch.Tensor:
-    """Sum (not mean) of next-token cross-entropy over the supervised tokens of one micro-batch."""
+def token_loss_sum(model: torch.nn.Module, inputs: dict[str, torch.Tensor], labels: torch.Tensor,
+                   vision: VisionCallGraph | None = None) -> torch.Tensor:
+    """Sum (not mean) of next-token cross-entropy over the supervised tokens of one micro-batch.
+
+    `vision`: the forward calls the vision tower once per media slot of the run, with a zero-weight dummy for a
+    slot this micro-batch leaves empty, so that every rank issues the same collectives (models/vision_call_graph.py)."""
     predicts, targets = loss_positions(labels)
-    logits = model(**inputs, use_cache=False, logits_to_keep=predicts).logits
+    with vision.complete(inputs) if vision is not None else nullcontext():
+        logits = model(**inputs, use_cache=False, logits_to_keep=predicts).logits
     return F.cross_entropy(logits.reshape(targets.numel(), -1).float(), targets, reduction="sum")
 
 
@@ -114,6 +120,10 @@ class Trainer:
         self.model = build_model_for_training(cfg, self.family, self.resume_from)  # unwrapped (HF / peft)
         self.engine = build_engine(cfg, self.model, lambda m: build_optimizer(m, self.family, t), self.dist)
         self.optimizer = self.engine.optimizer  # the torch optimizer whose param groups carry the LRs
+        # One vision tower call per media kind of the training set in every forward (a zero-weight dummy where a
+        # micro-batch has none); SURGSIGMA_TEST_NO_DUMMY_VISION=1 turns it off for the test that shows the hang.
+        kinds = () if os.environ.get("SURGSIGMA_TEST_NO_DUMMY_VISION") == "1" else media_slots(self.ctx.train_samples)
+        self.vision_call_graph = VisionCallGraph(self.model, self.family, kinds)
         self.scheduler = build_scheduler(self.optimizer, t)
         self.state = TrainerState()
         if saved is not None:
@@ -289,7 +299,7 @@ class Trainer:
                             inputs["position_ids"] = packed_position_ids(self.model, inputs, source.seq_lens)
                         with self.engine.accumulate(last=i == len(micro) - 1):
                             with autocast_context(t.mixed_precision, self.device):
-                                micro_loss = token_loss_sum(self.engine.model, inputs, labels)
+                                micro_loss = token_loss_sum(self.engine.model, inputs, labels, self.vision_call_graph)
                             if inject_nan:
                                 micro_loss = micro_loss * float("nan")
                             if not real:

@@ -72,4 +72,7 @@ FAMILY = ModelFamily(
     video_processor_class=Qwen3VLVideoProcessorTorch,
     vision_defaults=VISION_DEFAULTS,
     chat_template_package=__package__,
+    # merged tokens for the placeholders + one DeepStack feature list per tapped ViT block (its own merger each),
+    # added to the hidden states of the first LM layers
+    vision_outputs=("pooler_output", "deepstack_features"),
 )
