@@ -1,34 +1,15 @@
 """CPU integration: packed training (data.packing) on the tiny Qwen2.5-VL with the real demo data."""
 
 import json
-from pathlib import Path
 
 import pytest
 
-from surgsigma_train.config.loading import load_recipe
 from surgsigma_train.data.packing import LengthPlanner
 from surgsigma_train.data.stats import planned_tokens
 from surgsigma_train.training.trainer import Trainer
+from tests.integration.test_training import Interrupted, losses, recipe
 
 pytestmark = pytest.mark.integration
-REPO = Path(__file__).resolve().parents[2]
-
-
-def recipe(demo_data: Path, run_dir: Path, *overrides: str):
-    base = [f"data.train.0.path={demo_data / 'train.json'}", f"data.eval.0.path={demo_data / 'heldout.json'}",
-            f"output.dir={run_dir}", "train.progress_bar=false", "train.log_every=1", "output.tensorboard=false",
-            "train.warmup_steps=0"]
-    return load_recipe(REPO / "recipes" / "demo.yaml", base + list(overrides))
-
-
-def losses(run_dir: Path) -> dict[int, float]:
-    rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
-    return {r["step"]: r["loss"] for r in rows}
-
-
-class Interrupted(Exception):
-    pass
-
 PACKED = ["data.packing=true", "data.pack_tokens=1024", "train.micro_batch_size=1", "train.lr=1e-3"]
 
 
