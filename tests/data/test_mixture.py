@@ -112,13 +112,10 @@ def test_run_prints_and_saves_the_realised_mixture(demo_data, tmp_path, capsys):
     assert ctx.data_fingerprint != plain.data_fingerprint  # resuming under other weights is refused
 
 
-class Interrupted(Exception):
-    pass
-
-
 @pytest.mark.integration
 def test_training_with_a_mixture_resumes_exactly(demo_data, tmp_path, monkeypatch):
     from surgsigma_train.training.trainer import Trainer
+    from tests.integration.test_training import fit_until_saved
 
     def recipe(run: str):
         return load_recipe(REPO / "recipes" / "demo.yaml", [
@@ -143,17 +140,6 @@ def test_training_with_a_mixture_resumes_exactly(demo_data, tmp_path, monkeypatc
     reference.loader.collate_fn = spy
     reference.fit()
     assert len(seen) == 8 and "triplet_recognition" not in seen  # weight 0 removed the task
-    save = Trainer.save
-
-    def save_then_die(self):
-        path = save(self)
-        if self.state.step == 2:
-            raise Interrupted
-        return path
-
-    with monkeypatch.context() as patch:
-        patch.setattr(Trainer, "save", save_then_die)
-        with pytest.raises(Interrupted):
-            Trainer(recipe("b")).fit()
+    fit_until_saved(recipe("b"), monkeypatch, step=2)
     Trainer(recipe("b")).fit()
     assert losses("b") == losses("a")  # bitwise on CPU

@@ -7,7 +7,7 @@ import pytest
 from surgsigma_train.data.packing import LengthPlanner
 from surgsigma_train.data.stats import planned_tokens
 from surgsigma_train.training.trainer import Trainer
-from tests.integration.test_training import Interrupted, losses, recipe
+from tests.integration.test_training import fit_until_saved, losses, recipe
 
 pytestmark = pytest.mark.integration
 PACKED = ["data.packing=true", "data.pack_tokens=1024", "train.micro_batch_size=1", "train.lr=1e-3"]
@@ -41,18 +41,7 @@ def test_packed_run_resumes_exactly_and_logs_packing_metrics(demo_data, tmp_path
         assert row["visual_tokens_per_s"] + row["text_tokens_per_s"] == pytest.approx(row["tokens_per_s"])
     assert list((tmp_path / "a" / "packing").glob("lengths-*.npz"))
 
-    save = Trainer.save
-
-    def save_then_die(self):
-        path = save(self)
-        if self.state.step == 2:
-            raise Interrupted
-        return path
-
-    with monkeypatch.context() as patch:
-        patch.setattr(Trainer, "save", save_then_die)
-        with pytest.raises(Interrupted):
-            Trainer(recipe(demo_data, tmp_path / "b", *common)).fit()
+    fit_until_saved(recipe(demo_data, tmp_path / "b", *common), monkeypatch, step=2)
     resumed = Trainer(recipe(demo_data, tmp_path / "b", *common))
     assert resumed.resume_from.name == "step-2" and resumed.state.batch_in_epoch == 4
     table = resumed.sampler.lengths(resumed.state.epoch)

@@ -76,24 +76,29 @@ class Interrupted(Exception):
     pass
 
 
-def test_full_finetune_resume_continues_exactly(demo_data, tmp_path, monkeypatch):
-    common = ["train.max_steps=6", "train.save_every=3", "train.grad_accum_steps=2", "train.micro_batch_size=2",
-              "train.lr=1e-3"]
-    Trainer(recipe(demo_data, tmp_path / "a", *common)).fit()
-    reference = losses(tmp_path / "a")
-
+def fit_until_saved(cfg, monkeypatch, step: int) -> None:
+    """Train `cfg` and die (like a killed job) right after the checkpoint of `step` is committed."""
     save = Trainer.save
 
     def save_then_die(self):
         path = save(self)
-        if self.state.step == 3:
+        if self.state.step == step:
             raise Interrupted
         return path
 
     with monkeypatch.context() as patch:
         patch.setattr(Trainer, "save", save_then_die)
         with pytest.raises(Interrupted):
-            Trainer(recipe(demo_data, tmp_path / "b", *common)).fit()
+            Trainer(cfg).fit()
+
+
+def test_full_finetune_resume_continues_exactly(demo_data, tmp_path, monkeypatch):
+    common = ["train.max_steps=6", "train.save_every=3", "train.grad_accum_steps=2", "train.micro_batch_size=2",
+              "train.lr=1e-3"]
+    Trainer(recipe(demo_data, tmp_path / "a", *common)).fit()
+    reference = losses(tmp_path / "a")
+
+    fit_until_saved(recipe(demo_data, tmp_path / "b", *common), monkeypatch, step=3)
     resumed = Trainer(recipe(demo_data, tmp_path / "b", *common))
     assert resumed.resume_from.name == "step-3" and resumed.state.step == 3
     resumed.fit()

@@ -427,21 +427,17 @@ def count_text_tokens(text: str, processor: Any) -> int:
     num_images, num_videos = text.count(processor.image_token), text.count(processor.video_token)
     if not num_images and not num_videos:
         return len(input_ids)
-    image, video = _smallest_media_replacements(processor)
+    (image, image_span), (video, video_span) = _smallest_media(processor)
     expanded = processor.get_text_with_replacements(
         [text], images_replacements=[image] * num_images, videos_replacements=[video] * num_videos
     )[0][0]
-    span_tokens = {}
-    for kind, replacement in (("image", image), ("video", video)):
-        wrapped = VISION_START + getattr(processor, f"{kind}_token") + VISION_END
-        alone = processor.get_text_with_replacements([wrapped], **{f"{kind}s_replacements": [replacement]})[0][0]
-        span_tokens[kind] = len(tokenizer(alone, add_special_tokens=False)["input_ids"])
     expanded_tokens = len(tokenizer(expanded, add_special_tokens=False)["input_ids"])
-    return expanded_tokens - num_images * span_tokens["image"] - num_videos * span_tokens["video"]
+    return expanded_tokens - num_images * image_span - num_videos * video_span
 
 
-def _smallest_media_replacements(processor: Any) -> tuple[str, str]:
-    """The processor's replacement text for a one-patch image and a one-temporal-patch video (cached)."""
+def _smallest_media(processor: Any) -> tuple[tuple[str, int], tuple[str, int]]:
+    """(replacement text, span tokens) of a one-patch image and of a one-temporal-patch video, per processor: the
+    processor's own replacement and what its text expansion makes of the wrapped placeholder (cached)."""
     cached = _SMALLEST_REPLACEMENTS.get(processor)
     if cached is None:
         merge = processor.video_processor.merge_size
@@ -451,16 +447,23 @@ def _smallest_media_replacements(processor: Any) -> tuple[str, str]:
             total_num_frames=frames, fps=1.0, width=merge, height=merge, duration=float(frames),
             frames_indices=list(range(frames)), frame_times_s=[float(index) for index in range(frames)],
         )
-        cached = (
-            processor.replace_image_token({"image_grid_thw": grid}, image_idx=0),
-            processor.replace_video_token({"video_grid_thw": grid, "video_metadata": [metadata]}, video_idx=0),
-        )
+        replacements = {
+            "image": processor.replace_image_token({"image_grid_thw": grid}, image_idx=0),
+            "video": processor.replace_video_token({"video_grid_thw": grid, "video_metadata": [metadata]}, video_idx=0),
+        }
+        spans = {}
+        for kind, replacement in replacements.items():
+            wrapped = VISION_START + getattr(processor, f"{kind}_token") + VISION_END
+            alone = processor.get_text_with_replacements([wrapped], **{f"{kind}s_replacements": [replacement]})[0][0]
+            spans[kind] = len(processor.tokenizer(alone, add_special_tokens=False)["input_ids"])
+        cached = ((replacements["image"], spans["image"]), (replacements["video"], spans["video"]))
         _SMALLEST_REPLACEMENTS[processor] = cached
     return cached
 
 
 # not an attribute of the processor: save_pretrained would write it into processor_config.json
-_SMALLEST_REPLACEMENTS: weakref.WeakKeyDictionary[Any, tuple[str, str]] = weakref.WeakKeyDictionary()
+_SMALLEST_REPLACEMENTS: weakref.WeakKeyDictionary[Any, tuple[tuple[str, int], tuple[str, int]]] = (
+    weakref.WeakKeyDictionary())
 
 
 # ---- token cap ---------------------------------------------------------------------------------------------------
